@@ -1,0 +1,262 @@
+"""The Modular MeanFlow (MMF) loss family.
+
+Conventions: ``t = 0`` is data, ``t = 1`` noise, ``0 <= r <= t <= 1``; ``z_t = (1 - t) x + t e`` with
+``e ~ N(0, I)``; conditional velocity ``v = e - x``; ``u(z_t, r, t)`` is the average velocity over ``[r, t]``.
+
+The MeanFlow identity ``u = v - (t - r) du/dt`` (``du/dt`` the total derivative along the flow) gives, per
+sample and before weighting,
+
+    L_lam = || u_theta(z_t, r, t) + (t - r) * SG_lam[du_theta/dt] - v ||^2,
+    SG_lam[a] = lam * a + (1 - lam) * stopgrad(a).
+
+``lam = 0`` is exactly MeanFlow's stop-gradient loss, ``lam = 1`` lets gradients flow through ``du/dt``, values in
+between interpolate the gradients linearly (the loss *value* does not depend on ``lam``). Rows with ``r = t``
+have no derivative term: they are conditional flow matching.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+from .derivatives import DERIVATIVES, finite_difference_derivative, jvp_derivative
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+TANGENTS = ("conditional", "model")
+
+
+def sg_lambda(a: torch.Tensor, lam: float) -> torch.Tensor:
+    """Gradient modulation ``SG_lam[a] = lam * a + (1 - lam) * stopgrad(a)``: the value of ``a``, a fraction
+    ``lam`` of its gradient."""
+    if lam == 0.0:
+        return a.detach()
+    if lam == 1.0:
+        return a
+    return lam * a + (1.0 - lam) * a.detach()
+
+
+class TimeSampler:
+    """Draws ``(t, r)`` for a batch as MeanFlow does.
+
+    Two times are drawn independently from ``distribution`` (``"uniform"`` on [0, 1] or ``"logit_normal"``:
+    ``sigmoid(N(mean, std))``); ``t`` is the larger, ``r`` the smaller. Then all but ``round(r_neq_t_fraction * B)``
+    randomly chosen rows get ``r = t`` (flow-matching rows).
+
+    Paper defaults: ImageNet logit-normal(-0.4, 1.0) with 25% of rows ``r != t`` (ours); CIFAR-10
+    logit-normal(-2.0, 2.0) with 75%.
+    """
+
+    DISTRIBUTIONS = ("uniform", "logit_normal")
+
+    def __init__(
+        self,
+        distribution: str = "logit_normal",
+        mean: float = -0.4,
+        std: float = 1.0,
+        r_neq_t_fraction: float = 0.25,
+    ):
+        if distribution not in self.DISTRIBUTIONS:
+            raise ValueError(f"Unknown time distribution {distribution!r}; choose one of {self.DISTRIBUTIONS}")
+        if not (isinstance(std, numbers.Real) and std > 0):
+            raise ValueError(f"std must be positive, got {std!r}")
+        if not (isinstance(mean, numbers.Real) and math.isfinite(mean)):
+            raise ValueError(f"mean must be a finite number, got {mean!r}")
+        if not (isinstance(r_neq_t_fraction, numbers.Real) and 0.0 <= r_neq_t_fraction <= 1.0):
+            raise ValueError(f"r_neq_t_fraction must be in [0, 1], got {r_neq_t_fraction!r}")
+        self.distribution = distribution
+        self.mean = float(mean)
+        self.std = float(std)
+        self.r_neq_t_fraction = float(r_neq_t_fraction)
+
+    def _draw(self, n: int, device, generator) -> torch.Tensor:
+        if self.distribution == "uniform":
+            return torch.rand(n, device=device, generator=generator)
+        return torch.sigmoid(self.mean + self.std * torch.randn(n, device=device, generator=generator))
+
+    def __call__(
+        self, batch_size: int, device=None, generator: Optional[torch.Generator] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``(t, r)``, float32 tensors of shape ``(batch_size,)`` with ``0 <= r <= t <= 1``."""
+        a = self._draw(batch_size, device, generator)
+        b = self._draw(batch_size, device, generator)
+        t, r = torch.maximum(a, b), torch.minimum(a, b)
+        num_neq = round(self.r_neq_t_fraction * batch_size)
+        keep = torch.randperm(batch_size, device=device, generator=generator)[:num_neq]
+        neq = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        neq[keep] = True
+        r = torch.where(neq, r, t)
+        return t, r
+
+    def __repr__(self) -> str:
+        return (f"TimeSampler(distribution={self.distribution!r}, mean={self.mean}, std={self.std}, "
+                f"r_neq_t_fraction={self.r_neq_t_fraction})")
+
+
+@dataclass
+class MMFLossOutput:
+    """What `ModularMeanFlowLoss` returns.
+
+    Attributes:
+        loss: scalar, the batch mean of ``per_sample``; call ``.backward()`` on it.
+        per_sample: ``(B,)``, the weighted per-sample loss.
+        stats: floats for logging: ``mse`` (unweighted mean error), ``mean_abs_dudt`` (mean ``|du/dt|`` over rows
+            with ``r != t``, 0 if none), ``frac_r_neq_t``, ``lam``, ``mean_weight``.
+    """
+
+    loss: torch.Tensor
+    per_sample: torch.Tensor
+    stats: Dict[str, float] = field(default_factory=dict)
+
+
+def _as_batch_times(name: str, value: torch.Tensor, batch_size: int, device) -> torch.Tensor:
+    if not torch.is_tensor(value) or not value.is_floating_point():
+        raise ValueError(f"`{name}` must be a float tensor of shape ({batch_size},)")
+    if value.shape != (batch_size,):
+        raise ValueError(f"`{name}` must have shape ({batch_size},), got {tuple(value.shape)}")
+    return value.to(device)
+
+
+class ModularMeanFlowLoss:
+    """The MMF loss ``|| u + (t - r) SG_lam[du/dt] - v ||^2`` with adaptive weighting, as a callable object.
+
+    Args:
+        time_sampler: draws ``(t, r)`` when the call does not give them.
+        derivative: ``"jvp"`` (exact, `torch.func.jvp`) or ``"finite_difference"`` (two forwards, no forward-mode
+            AD; error ``O(fd_eps)``).
+        fd_eps: step of the finite difference, in units of ``t``.
+        adaptive_p, adaptive_c: per-sample weight ``w = 1 / stopgrad(err + c) ** p``; ``p = 0`` is plain MSE.
+        tangent: direction of ``z`` in the derivative. ``"conditional"`` uses ``v = e - x`` (MeanFlow);
+            ``"model"`` uses the model's own instantaneous velocity ``stopgrad(u(z_t, t, t))``, which removes the
+            noise of the conditional velocity from the derivative (one extra no-grad forward on the ``r != t``
+            rows). The regression target is ``v = e - x`` either way.
+
+    Call:
+        ``loss_fn(model_fn, x, lam, t=None, r=None, noise=None, generator=None) -> MMFLossOutput`` where
+        ``model_fn(z, r, t) -> u`` takes ``z`` of shape ``(B, ...)`` and float ``r``, ``t`` of shape ``(B,)`` in
+        ``[0, 1]``; ``x`` is a data batch ``(B, ...)``; ``lam`` in ``[0, 1]``. ``t``, ``r``, ``noise`` are used
+        as given when passed.
+    """
+
+    def __init__(
+        self,
+        time_sampler: Optional[TimeSampler] = None,
+        derivative: str = "jvp",
+        fd_eps: float = 1e-3,
+        adaptive_p: float = 0.0,
+        adaptive_c: float = 1e-3,
+        tangent: str = "conditional",
+    ):
+        if derivative not in DERIVATIVES:
+            raise ValueError(f"Unknown derivative estimator {derivative!r}; choose one of {DERIVATIVES}")
+        if tangent not in TANGENTS:
+            raise ValueError(f"Unknown tangent {tangent!r}; choose one of {TANGENTS}")
+        if not (isinstance(fd_eps, numbers.Real) and fd_eps > 0):
+            raise ValueError(f"fd_eps must be positive, got {fd_eps!r}")
+        if not (isinstance(adaptive_p, numbers.Real) and adaptive_p >= 0):
+            raise ValueError(f"adaptive_p must be >= 0, got {adaptive_p!r}")
+        if not (isinstance(adaptive_c, numbers.Real) and adaptive_c > 0):
+            raise ValueError(f"adaptive_c must be positive, got {adaptive_c!r}")
+        self.time_sampler = time_sampler if time_sampler is not None else TimeSampler()
+        self.derivative = derivative
+        self.fd_eps = float(fd_eps)
+        self.adaptive_p = float(adaptive_p)
+        self.adaptive_c = float(adaptive_c)
+        self.tangent = tangent
+
+    def _time_derivative(self, model_fn, z, r, t, v, create_graph, u=None):
+        if self.derivative == "jvp":
+            return jvp_derivative(model_fn, z, r, t, v, create_graph=create_graph)
+        return finite_difference_derivative(model_fn, z, r, t, v, create_graph=create_graph, u=u, eps=self.fd_eps)
+
+    def __call__(
+        self,
+        model_fn: ModelFn,
+        x: torch.Tensor,
+        lam: float,
+        t: Optional[torch.Tensor] = None,
+        r: Optional[torch.Tensor] = None,
+        noise: Optional[torch.Tensor] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> MMFLossOutput:
+        if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not 0.0 <= float(lam) <= 1.0:
+            raise ValueError(f"lam must be a number in [0, 1], got {lam!r}")
+        lam = float(lam)
+        batch = x.shape[0]
+        if (t is None) != (r is None):
+            raise ValueError("Give both `t` and `r`, or neither")
+        if t is None:
+            t, r = self.time_sampler(batch, device=x.device, generator=generator)
+        t = _as_batch_times("t", t, batch, x.device)
+        r = _as_batch_times("r", r, batch, x.device)
+        if bool(((r < 0) | (t > 1) | (r > t)).any()):
+            raise ValueError("Times must satisfy 0 <= r <= t <= 1 for every row")
+        if noise is None:
+            noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+        elif noise.shape != x.shape:
+            raise ValueError(f"`noise` must have the shape of `x` {tuple(x.shape)}, got {tuple(noise.shape)}")
+
+        bshape = (batch,) + (1,) * (x.dim() - 1)
+        t_b, r_b = t.view(bshape).to(x.dtype), r.view(bshape).to(x.dtype)
+        z = (1 - t_b) * x + t_b * noise
+        v = noise - x
+
+        # Only rows with r != t need du/dt; the others are flow matching.
+        neq = t > r
+        idx = neq.nonzero().squeeze(1)
+        rest = (~neq).nonzero().squeeze(1)
+        dudt = torch.zeros_like(x)
+
+        if idx.numel() == 0:
+            u = model_fn(z, r, t)
+        else:
+            z_d, r_d, t_d, v_d = z[idx], r[idx], t[idx], v[idx]
+            if self.tangent == "model":
+                with torch.no_grad():
+                    v_d = model_fn(z_d, t_d, t_d)
+            if lam == 0.0:
+                # MeanFlow: the derivative is a constant target; u comes from one ordinary forward.
+                u = model_fn(z, r, t)
+                _, dudt_d = self._time_derivative(model_fn, z_d, r_d, t_d, v_d, create_graph=False, u=u[idx])
+            elif self.derivative == "jvp":
+                # u and du/dt from one differentiable jvp on the r != t rows, a plain forward on the rest.
+                u_d, dudt_d = self._time_derivative(model_fn, z_d, r_d, t_d, v_d, create_graph=True)
+                if rest.numel():
+                    u_rest = model_fn(z[rest], r[rest], t[rest])
+                    u = torch.cat([u_d, u_rest]).index_select(0, torch.argsort(torch.cat([idx, rest])))
+                else:
+                    u = u_d
+            else:
+                u = model_fn(z, r, t)
+                _, dudt_d = self._time_derivative(model_fn, z_d, r_d, t_d, v_d, create_graph=True, u=u[idx])
+            dudt = dudt.index_copy(0, idx, dudt_d.to(dudt.dtype))
+
+        h = (t_b - r_b)
+        prediction = u + h * sg_lambda(dudt, lam)
+        err = (prediction - v).pow(2).flatten(1).mean(1)
+        if self.adaptive_p > 0:
+            weight = 1.0 / (err.detach() + self.adaptive_c).pow(self.adaptive_p)
+        else:
+            weight = torch.ones_like(err)
+        per_sample = weight * err
+        loss = per_sample.mean()
+
+        with torch.no_grad():
+            abs_dudt = dudt[idx].abs().mean().item() if idx.numel() else 0.0
+            stats = {
+                "mse": err.mean().item(),
+                "mean_abs_dudt": abs_dudt,
+                "frac_r_neq_t": idx.numel() / batch,
+                "lam": lam,
+                "mean_weight": weight.mean().item(),
+            }
+        return MMFLossOutput(loss=loss, per_sample=per_sample, stats=stats)
+
+    def __repr__(self) -> str:
+        return (f"ModularMeanFlowLoss(time_sampler={self.time_sampler!r}, derivative={self.derivative!r}, "
+                f"fd_eps={self.fd_eps}, adaptive_p={self.adaptive_p}, adaptive_c={self.adaptive_c}, "
+                f"tangent={self.tangent!r})")

@@ -1,0 +1,226 @@
+"""`MMFPipeline`: one-step (or few-step) image generation with a Modular MeanFlow model.
+
+Conventions (the same in every module of mmf_diffusers):
+    * time runs from data to noise: ``t = 0`` is data, ``t = 1`` is noise, and always ``0 <= r <= t <= 1``;
+    * path ``z_t = (1 - t) * x + t * e`` with ``e ~ N(0, I)``;
+    * the network predicts the *average* velocity ``u(z_t, r, t)``, so ``z_r = z_t - (t - r) * u(z_t, r, t)``
+      and one step is ``x = z_1 - u(z_1, 0, 1)``.
+
+This file imports only torch and diffusers: it is also copied as ``pipeline.py`` into Hub repositories
+(diffusers' remote-code layout), so people without mmf_diffusers installed can load a pushed model.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
+from diffusers.utils.torch_utils import randn_tensor
+
+#: The second time the UNet is given besides ``t``. ``"h"`` is the interval ``h = t - r`` (MeanFlow's best
+#: choice, and ours); ``"r"`` is the start of the interval itself.
+SECOND_TIME_CHOICES = ("h", "r")
+
+#: Scale applied to both times before UNet2DModel's sinusoidal embedding: the UNet sees
+#: ``timestep = time_scale * t`` and ``class_labels = time_scale * h``. The value is a measured choice
+#: (see ``benchmarks/time_scale.py`` and the README): at 1000 the time derivative of ``u`` is dominated by the
+#: highest sinusoid frequencies (hundreds of times larger than at raw t) and finite differences break down.
+DEFAULT_TIME_SCALE = 1.0
+
+OUTPUT_TYPES = ("pil", "np", "pt")
+
+
+def unet_average_velocity(
+    unet: UNet2DModel,
+    z: torch.Tensor,
+    r: torch.Tensor,
+    t: torch.Tensor,
+    time_scale: float = DEFAULT_TIME_SCALE,
+    second_time: str = "h",
+) -> torch.Tensor:
+    """Evaluate the average velocity ``u(z, r, t)`` with a stock two-time `UNet2DModel`.
+
+    This is the one place where ``(z, r, t)`` is mapped to the UNet's inputs. The UNet must have been built with
+    ``class_embed_type="timestep"``: its ``class_labels`` input goes through the same sinusoidal projection as the
+    timestep, followed by its own MLP, and the two embeddings are summed.
+
+    Args:
+        unet: a UNet2DModel with ``class_embed_type="timestep"``.
+        z: noisy sample ``z_t``, shape ``(B, C, H, W)``.
+        r: start of the interval, shape ``(B,)``, float, in ``[0, 1]``.
+        t: end of the interval (current time), shape ``(B,)``, float, in ``[0, 1]``, ``r <= t``.
+        time_scale: the UNet sees ``time_scale * t`` and ``time_scale * (second time)``.
+        second_time: ``"h"`` feeds ``h = t - r``; ``"r"`` feeds ``r``.
+
+    Returns:
+        ``u``, shape ``(B, C, H, W)``, in the UNet's dtype.
+    """
+    if second_time == "h":
+        second = t - r
+    elif second_time == "r":
+        second = r
+    else:
+        raise ValueError(f"second_time must be one of {SECOND_TIME_CHOICES}, got {second_time!r}")
+    # Float tensors of shape (B,): a Python float timestep would be truncated to an int by UNet2DModel.
+    return unet(z, t * time_scale, class_labels=second * time_scale).sample
+
+
+def _cast_to_weight_dtype(module: torch.nn.Module, args: tuple) -> tuple:
+    weight = module.linear_1.weight
+    return tuple(a.to(weight.dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
+def install_class_embedding_cast(unet: UNet2DModel) -> None:
+    """Make UNet2DModel's ``class_embed_type="timestep"`` path work in bfloat16/float16/float64.
+
+    UNet2DModel casts the sinusoid of the timestep to the model dtype but not the sinusoid of ``class_labels``, so
+    a model whose weights are not float32 fails in its class-embedding MLP. A forward pre-hook casts that input to
+    the MLP's weight dtype. Idempotent; hooks are not saved, so pipelines install it when they are built.
+    """
+    embedding = getattr(unet, "class_embedding", None)
+    if embedding is None or not hasattr(embedding, "linear_1"):
+        return
+    if getattr(embedding, "_mmf_cast_hook", None) is None:
+        embedding._mmf_cast_hook = embedding.register_forward_pre_hook(_cast_to_weight_dtype)
+
+
+class MMFPipeline(DiffusionPipeline):
+    r"""
+    Pipeline for unconditional image generation with a Modular MeanFlow (MMF) model in one or a few steps.
+
+    The UNet predicts the average velocity ``u(z_t, r, t)`` between times ``r <= t`` (``t = 0`` data, ``t = 1``
+    noise); one step maps noise to an image as ``x = z_1 - u(z_1, 0, 1)``, and ``N`` steps follow the grid of the
+    scheduler from 1 down to 0.
+
+    Args:
+        unet ([`UNet2DModel`]): a two-time UNet (``class_embed_type="timestep"``) predicting ``u``.
+        scheduler ([`MMFScheduler`] or [`FlowMapEulerDiscreteScheduler`]): applies ``z_r = z_t - (t - r) u``.
+        time_scale (`float`): scale of both times at the UNet's input; saved in ``model_index.json`` so that sampling
+            always uses the mapping the model was trained with.
+        second_time (`str`): ``"h"`` (the UNet's second time is ``t - r``) or ``"r"``.
+
+    Examples:
+        ```py
+        >>> from mmf_diffusers import MMFPipeline
+        >>> pipe = MMFPipeline.from_pretrained("pipelines/mmf-mnist")
+        >>> images = pipe(num_images=8, generator=torch.Generator().manual_seed(0)).images  # one network call
+        >>> images = pipe(num_images=8, num_inference_steps=2).images  # two calls
+        ```
+    """
+
+    model_cpu_offload_seq = "unet"
+
+    def __init__(
+        self,
+        unet: UNet2DModel,
+        scheduler,
+        time_scale: float = DEFAULT_TIME_SCALE,
+        second_time: str = "h",
+    ):
+        super().__init__()
+        if second_time not in SECOND_TIME_CHOICES:
+            raise ValueError(f"second_time must be one of {SECOND_TIME_CHOICES}, got {second_time!r}")
+        if not (isinstance(time_scale, numbers.Real) and time_scale > 0):
+            raise ValueError(f"time_scale must be a positive number, got {time_scale!r}")
+        if getattr(unet.config, "class_embed_type", None) != "timestep":
+            raise ValueError(
+                "MMFPipeline needs a two-time UNet2DModel built with class_embed_type='timestep' "
+                f"(got class_embed_type={getattr(unet.config, 'class_embed_type', None)!r}); "
+                "see mmf_diffusers.build_mmf_unet."
+            )
+        install_class_embedding_cast(unet)
+        self.register_modules(unet=unet, scheduler=scheduler)
+        self.register_to_config(time_scale=float(time_scale), second_time=second_time)
+
+    def average_velocity(self, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``u(z, r, t)`` with this pipeline's time mapping; ``r`` and ``t`` of shape ``(B,)`` in ``[0, 1]``."""
+        return unet_average_velocity(
+            self.unet, z, r, t, time_scale=self.config.time_scale, second_time=self.config.second_time
+        )
+
+    @staticmethod
+    def _check_positive_int(name: str, value) -> int:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+            raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
+        return int(value)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        num_images: Optional[int] = None,
+        num_inference_steps: int = 1,
+        generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
+        latents: Optional[torch.Tensor] = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        batch_size: Optional[int] = None,
+    ) -> Union[ImagePipelineOutput, Tuple]:
+        r"""
+        Generate images.
+
+        Args:
+            num_images (`int`, defaults to 1): how many images. ``batch_size`` is accepted as a synonym (the name
+                diffusers' unconditional pipelines use); give one or the other.
+            num_inference_steps (`int`, defaults to 1): network evaluations; 1 is ``x = z_1 - u(z_1, 0, 1)``.
+            generator (`torch.Generator` or a list of one per image): makes the initial noise reproducible.
+            latents (`torch.Tensor`, *optional*): initial noise ``z_1`` of shape ``(num_images, C, H, W)``.
+            output_type (`str`): ``"pil"``, ``"np"`` (float array ``(B, H, W, C)`` in ``[0, 1]``) or ``"pt"``
+                (float tensor ``(B, C, H, W)`` in ``[0, 1]``).
+            return_dict (`bool`): return an [`ImagePipelineOutput`] instead of a 1-tuple.
+
+        Returns:
+            [`ImagePipelineOutput`] or `tuple` with the images.
+        """
+        # 0. check the request before doing any work
+        if num_images is not None and batch_size is not None and num_images != batch_size:
+            raise ValueError(f"Give `num_images` or its synonym `batch_size`, not both ({num_images} != {batch_size})")
+        count = num_images if num_images is not None else batch_size
+        if count is None:
+            count = latents.shape[0] if latents is not None else 1
+        count = self._check_positive_int("num_images", count)
+        num_inference_steps = self._check_positive_int("num_inference_steps", num_inference_steps)
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if isinstance(generator, list) and len(generator) != count:
+            raise ValueError(f"Got a list of {len(generator)} generators for {count} images; give one per image")
+
+        sample_size = self.unet.config.sample_size
+        if isinstance(sample_size, int):
+            sample_size = (sample_size, sample_size)
+        shape = (count, self.unet.config.in_channels, *sample_size)
+        dtype = self.unet.dtype
+
+        # 1. sample the noise z_1
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=self._execution_device, dtype=dtype)
+        else:
+            if not torch.is_tensor(latents) or tuple(latents.shape) != shape:
+                got = tuple(latents.shape) if torch.is_tensor(latents) else type(latents).__name__
+                raise ValueError(f"`latents` must be a tensor of shape {shape}, got {got}")
+            latents = latents.to(device=self._execution_device, dtype=dtype)
+
+        # 2. walk the grid 1 = s_0 > s_1 > ... > s_N = 0 with one network call per interval
+        self.scheduler.set_timesteps(num_inference_steps, device=self._execution_device)
+        sigmas = self.scheduler.sigmas
+        for i, timestep in enumerate(self.progress_bar(self.scheduler.timesteps)):
+            t = sigmas[i].to(dtype=torch.float32).expand(count)
+            r = sigmas[i + 1].to(dtype=torch.float32).expand(count)
+            u = self.average_velocity(latents, r, t)
+            latents = self.scheduler.step(u, timestep, latents).prev_sample
+
+        # 3. post-process: the model works in [-1, 1]
+        image = (latents.float() / 2 + 0.5).clamp(0, 1)
+        if output_type == "pt":
+            images = image
+        else:
+            images = image.cpu().permute(0, 2, 3, 1).numpy()
+            if output_type == "pil":
+                images = self.numpy_to_pil(images)
+
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)

@@ -1,0 +1,168 @@
+"""Two-time UNet2DModel backbones for MMF.
+
+A stock diffusers `UNet2DModel` takes one timestep, but with ``class_embed_type="timestep"`` its ``class_labels``
+input goes through the same sinusoidal projection plus a separate MLP, summed into the time embedding: a second
+time input with no custom model code. `mmf_diffusers.pipeline_mmf.unet_average_velocity` is the one place that maps
+``(z, r, t)`` to those inputs (``t`` and ``h = t - r``, both multiplied by ``time_scale``).
+
+Forward-mode AD (``torch.func.jvp``) through UNet2DModel's attention fails on CPU in torch 2.13 twice over: the
+fused SDPA kernel has no forward-AD formula, and ``group_norm``'s forward-AD rule fails on the non-contiguous
+attention output. `ForwardADAttnProcessor` forces the math SDPA backend and returns a contiguous tensor.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from diffusers import UNet2DModel
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from .pipeline_mmf import DEFAULT_TIME_SCALE, install_class_embedding_cast, unet_average_velocity
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class ForwardADAttnProcessor(AttnProcessor2_0):
+    """diffusers' SDPA attention processor, restricted to the math backend and with a contiguous output, so that
+    ``torch.func.jvp`` (forward-mode AD) works through it. Numerically the same attention."""
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        with sdpa_kernel(SDPBackend.MATH):
+            out = super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        return out.contiguous()
+
+
+def enable_forward_ad(model: torch.nn.Module) -> int:
+    """Give every `Attention` module of ``model`` a `ForwardADAttnProcessor`. Returns how many were changed.
+
+    UNet2DModel has no ``set_attn_processor``, so this walks the modules.
+    """
+    count = 0
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.set_processor(ForwardADAttnProcessor())
+            count += 1
+    return count
+
+
+def prepare_unet_for_mmf(unet: UNet2DModel) -> UNet2DModel:
+    """Check that ``unet`` can serve as a two-time MMF backbone and make it ready for training.
+
+    Raises a ValueError for a UNet without the second-time slot or with Fourier time features (they take
+    ``log(t)`` and divide by ``t``, so ``t = 0`` or ``h = 0`` breaks). Installs `ForwardADAttnProcessor` and the
+    class-embedding dtype cast (see `install_class_embedding_cast`). Returns the same module.
+    """
+    config = unet.config
+    if config.class_embed_type != "timestep":
+        raise ValueError(
+            "An MMF UNet2DModel needs class_embed_type='timestep' to carry the second time "
+            f"(got {config.class_embed_type!r}); build one with build_mmf_unet or add_second_time_embedding."
+        )
+    if config.time_embedding_type != "positional":
+        raise ValueError(
+            f"time_embedding_type={config.time_embedding_type!r} is not supported: use 'positional' "
+            "(Fourier features divide by t and fail at t = 0 or h = 0)."
+        )
+    enable_forward_ad(unet)
+    install_class_embedding_cast(unet)
+    return unet
+
+
+def build_mmf_unet(
+    sample_size: int = 28,
+    in_channels: int = 1,
+    out_channels: int | None = None,
+    block_out_channels: Sequence[int] = (32, 64, 64),
+    layers_per_block: int = 1,
+    attention_levels: Sequence[bool] | None = None,
+    norm_num_groups: int = 8,
+    attention_head_dim: int = 8,
+    **unet_kwargs,
+) -> UNet2DModel:
+    """Build a `UNet2DModel` configured for MMF: positional time embedding, a second time via
+    ``class_embed_type="timestep"``, forward-AD-safe attention.
+
+    Args:
+        sample_size: image height and width; each down block halves it, so it must be divisible by
+            ``2 ** (len(block_out_channels) - 1)``.
+        in_channels / out_channels: image channels (``out_channels`` defaults to ``in_channels``: ``u`` has the
+            shape of the image).
+        block_out_channels: channels per resolution level.
+        attention_levels: one bool per level, True for a self-attention block (default: attention on the
+            lowest-resolution level only).
+        norm_num_groups, attention_head_dim, layers_per_block: passed to UNet2DModel.
+        **unet_kwargs: any other UNet2DModel argument.
+    """
+    levels = len(block_out_channels)
+    if attention_levels is None:
+        attention_levels = [False] * (levels - 1) + [True]
+    if len(attention_levels) != levels:
+        raise ValueError(f"attention_levels needs one entry per level ({levels}), got {len(attention_levels)}")
+    if sample_size % (2 ** (levels - 1)):
+        raise ValueError(f"sample_size={sample_size} is not divisible by 2**{levels - 1} for {levels} levels")
+    if any(c % norm_num_groups for c in block_out_channels):
+        raise ValueError(f"every entry of block_out_channels={tuple(block_out_channels)} must divide by "
+                         f"norm_num_groups={norm_num_groups}")
+    down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention_levels)
+    up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention_levels))
+    unet = UNet2DModel(
+        sample_size=sample_size,
+        in_channels=in_channels,
+        out_channels=out_channels or in_channels,
+        block_out_channels=tuple(block_out_channels),
+        down_block_types=down,
+        up_block_types=up,
+        layers_per_block=layers_per_block,
+        norm_num_groups=norm_num_groups,
+        attention_head_dim=attention_head_dim,
+        time_embedding_type="positional",
+        class_embed_type="timestep",
+        **unet_kwargs,
+    )
+    return prepare_unet_for_mmf(unet)
+
+
+def add_second_time_embedding(unet: UNet2DModel) -> UNet2DModel:
+    """Turn an ordinary diffusion `UNet2DModel` (one timestep) into a two-time MMF backbone, keeping its weights.
+
+    The new second-time MLP has its output layer set to zero, so at the start the model computes exactly what the
+    original UNet computed at timestep ``t`` (the second time contributes nothing until training moves it); the
+    hidden layer keeps its random initialisation so gradients can flow. Returns a new UNet2DModel.
+    """
+    if unet.config.class_embed_type == "timestep":
+        return prepare_unet_for_mmf(unet)
+    if unet.config.class_embed_type is not None or unet.config.num_class_embeds is not None:
+        raise ValueError("This UNet already uses its class-embedding slot for labels; it cannot carry a second time.")
+    config = dict(unet.config)
+    config["class_embed_type"] = "timestep"
+    new = UNet2DModel.from_config(config).to(dtype=unet.dtype, device=unet.device)
+    missing, unexpected = new.load_state_dict(unet.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("class_embedding.") for k in missing):
+        raise ValueError(f"Could not carry weights over: missing={missing}, unexpected={unexpected}")
+    with torch.no_grad():
+        new.class_embedding.linear_2.weight.zero_()
+        new.class_embedding.linear_2.bias.zero_()
+    return prepare_unet_for_mmf(new)
+
+
+def unet_model_fn(
+    unet: torch.nn.Module, time_scale: float = DEFAULT_TIME_SCALE, second_time: str = "h"
+) -> ModelFn:
+    """Return ``model_fn(z, r, t) -> u`` for `ModularMeanFlowLoss`, using the same time mapping as `MMFPipeline`.
+
+    ``unet`` may be wrapped (e.g. by ``accelerator.prepare``); the wrapper's forward is called.
+    """
+
+    def model_fn(z: torch.Tensor, r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return unet_average_velocity(unet, z, r, t, time_scale=time_scale, second_time=second_time)
+
+    return model_fn
