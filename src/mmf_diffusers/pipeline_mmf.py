@@ -12,6 +12,7 @@ This file imports only torch and diffusers: it is also copied as ``pipeline.py``
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import List, Optional, Tuple, Union
 
@@ -25,10 +26,13 @@ from diffusers.utils.torch_utils import randn_tensor
 SECOND_TIME_CHOICES = ("h", "r")
 
 #: Scale applied to both times before UNet2DModel's sinusoidal embedding: the UNet sees
-#: ``timestep = time_scale * t`` and ``class_labels = time_scale * h``. The value is a measured choice
-#: (see ``benchmarks/time_scale.py`` and the README): at 1000 the time derivative of ``u`` is dominated by the
-#: highest sinusoid frequencies (hundreds of times larger than at raw t) and finite differences break down.
-DEFAULT_TIME_SCALE = 1.0
+#: ``timestep = time_scale * t`` and ``class_labels = time_scale * h``. Measured at initialisation on a
+#: (32, 64, 64) UNet (``python benchmarks/time_scale.py``): mean |d_t u| is 0.018 / 0.17 / 1.6 / 16 at scales
+#: 1 / 10 / 100 / 1000 (against 0.59 for the spatial part d_z u . v), and a forward finite difference at
+#: eps = 1e-3 is off the exact jvp by 0.4% / 0.4% / 4% / 46%. At 1000 (diffusers' usual timestep units) the
+#: derivative target is dominated by the highest sinusoid frequencies; at 1 the embedding barely moves over
+#: [0, 1]. 10 keeps finite differences exact to 0.4% while the time input still spans several frequencies.
+DEFAULT_TIME_SCALE = 10.0
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 
@@ -104,6 +108,7 @@ class MMFPipeline(DiffusionPipeline):
 
     Examples:
         ```py
+        >>> import torch
         >>> from mmf_diffusers import MMFPipeline
         >>> pipe = MMFPipeline.from_pretrained("pipelines/mmf-mnist")
         >>> images = pipe(num_images=8, generator=torch.Generator().manual_seed(0)).images  # one network call
@@ -123,8 +128,13 @@ class MMFPipeline(DiffusionPipeline):
         super().__init__()
         if second_time not in SECOND_TIME_CHOICES:
             raise ValueError(f"second_time must be one of {SECOND_TIME_CHOICES}, got {second_time!r}")
-        if not (isinstance(time_scale, numbers.Real) and time_scale > 0):
-            raise ValueError(f"time_scale must be a positive number, got {time_scale!r}")
+        if (
+            isinstance(time_scale, bool)
+            or not isinstance(time_scale, numbers.Real)
+            or not math.isfinite(time_scale)
+            or time_scale <= 0
+        ):
+            raise ValueError(f"time_scale must be a positive finite number, got {time_scale!r}")
         if getattr(unet.config, "class_embed_type", None) != "timestep":
             raise ValueError(
                 "MMFPipeline needs a two-time UNet2DModel built with class_embed_type='timestep' "
@@ -179,7 +189,7 @@ class MMFPipeline(DiffusionPipeline):
             raise ValueError(f"Give `num_images` or its synonym `batch_size`, not both ({num_images} != {batch_size})")
         count = num_images if num_images is not None else batch_size
         if count is None:
-            count = latents.shape[0] if latents is not None else 1
+            count = latents.shape[0] if torch.is_tensor(latents) else 1
         count = self._check_positive_int("num_images", count)
         num_inference_steps = self._check_positive_int("num_inference_steps", num_inference_steps)
         if output_type not in OUTPUT_TYPES:
