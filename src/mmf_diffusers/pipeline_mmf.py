@@ -6,20 +6,28 @@ Conventions (the same in every module of mmf_diffusers):
     * the network predicts the *average* velocity ``u(z_t, r, t)``, so ``z_r = z_t - (t - r) * u(z_t, r, t)``
       and one step is ``x = z_1 - u(z_1, 0, 1)``.
 
-This file imports only torch and diffusers: it is also copied as ``pipeline.py`` into Hub repositories
-(diffusers' remote-code layout), so people without mmf_diffusers installed can load a pushed model.
+This file imports only torch and diffusers (and huggingface_hub, which diffusers depends on): it is also copied as
+``pipeline.py`` into Hub repositories (diffusers' remote-code layout), so people without mmf_diffusers installed can load
+a pushed model.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 import numbers
+import os
+import sys
 from typing import List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
+from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
+from huggingface_hub import snapshot_download
+
+logger = logging.get_logger(__name__)
 
 #: The second time the UNet is given besides ``t``. ``"h"`` is the interval ``h = t - r`` (MeanFlow's best
 #: choice, and ours); ``"r"`` is the start of the interval itself.
@@ -35,6 +43,11 @@ SECOND_TIME_CHOICES = ("h", "r")
 DEFAULT_TIME_SCALE = 10.0
 
 OUTPUT_TYPES = ("pil", "np", "pt")
+
+#: Key of ``model_index.json`` under which a folder in diffusers' remote-code layout (see `mmf_diffusers.hub`) keeps
+#: the package's own entries, e.g. ``{"_class_name": "MMFPipeline", "scheduler": ["mmf_diffusers.scheduling_mmf",
+#: "MMFScheduler"]}``. diffusers ignores keys that start with ``_``.
+PACKAGE_LAYOUT_KEY = "_mmf_package_layout"
 
 
 def unet_average_velocity(
@@ -150,6 +163,66 @@ class MMFPipeline(DiffusionPipeline):
         return unet_average_velocity(
             self.unet, z, r, t, time_scale=self.config.time_scale, second_time=self.config.second_time
         )
+
+    # Hub support. diffusers' own download step rejects a repository whose components live in a pip package, and a
+    # repository in the remote-code layout would otherwise run its copied files instead of the installed classes.
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], **kwargs) -> "MMFPipeline":
+        """[`DiffusionPipeline.from_pretrained`] that also takes a Hub repo id pushed by mmf_diffusers.
+
+        A repo id (anything that is not a local directory) is fetched whole with `huggingface_hub.snapshot_download`
+        (given ``revision``, ``token``, ``cache_dir``, ``force_download`` and ``local_files_only`` from ``kwargs``) and
+        the local snapshot is loaded; diffusers' own download step would reject the repository's package components.
+        A local folder is loaded as it is: one written by `save_pretrained`, or one in the remote-code layout (then
+        `load_config` makes the installed classes load it and nothing from the folder runs).
+        """
+        if not os.path.isdir(pretrained_model_name_or_path):
+            pretrained_model_name_or_path = snapshot_download(
+                str(pretrained_model_name_or_path),
+                revision=kwargs.pop("revision", None),
+                token=kwargs.pop("token", None),
+                cache_dir=kwargs.get("cache_dir"),
+                force_download=kwargs.pop("force_download", False),
+                local_files_only=kwargs.pop("local_files_only", False),
+            )
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
+    def load_config(cls, *args, **kwargs):
+        """[`ConfigMixin.load_config`] that reads a remote-code ``model_index.json`` as the package layout.
+
+        A folder in the remote-code layout names its copied files (``"_class_name": ["pipeline", "MMFPipeline"]``,
+        ``"scheduler": ["scheduling_mmf", "MMFScheduler"]``), which ``DiffusionPipeline.from_pretrained(...,
+        trust_remote_code=True)`` needs, and keeps the package's entries under `PACKAGE_LAYOUT_KEY`. When the modules
+        those entries name are imported, this class reads them instead, so it loads the folder with its own classes.
+        """
+        outputs = super().load_config(*args, **kwargs)
+        config = outputs[0] if isinstance(outputs, tuple) else outputs
+        layout = config.pop(PACKAGE_LAYOUT_KEY, None)
+        if isinstance(layout, dict) and all(
+            entry[0] in sys.modules for name, entry in layout.items() if name != "_class_name"
+        ):
+            config.update(layout)
+        return outputs
+
+    def _upload_folder(self, working_dir, repo_id, **kwargs):
+        """Add the remote-code layout (`mmf_diffusers.hub.prepare_folder_for_hub`) before every Hub upload.
+
+        `push_to_hub` and ``save_pretrained(..., push_to_hub=True)`` both upload through this method, so a pipeline
+        pushed either way loads with ``MMFPipeline.from_pretrained`` and with ``DiffusionPipeline.from_pretrained(...,
+        trust_remote_code=True)``. The import is deferred so that this file still works without mmf_diffusers, and
+        is not an import statement so that diffusers' remote-code check does not ask its users to install it.
+        """
+        try:
+            prepare_folder_for_hub = importlib.import_module("mmf_diffusers.hub").prepare_folder_for_hub
+        except ImportError:
+            logger.warning(
+                "mmf_diffusers is not installed: the pushed repository gets no remote-code files and will only load "
+                "where mmf_diffusers is installed. Push with mmf_diffusers installed (`mmf-push FOLDER REPO_ID`)."
+            )
+        else:
+            prepare_folder_for_hub(working_dir, repo_id=repo_id, secrets=[kwargs.get("token")])
+        return super()._upload_folder(working_dir, repo_id, **kwargs)
 
     @staticmethod
     def _check_positive_int(name: str, value) -> int:

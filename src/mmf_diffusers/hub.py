@@ -1,0 +1,321 @@
+"""Sharing MMF pipelines on the Hugging Face Hub.
+
+A pushed repository loads two ways, with the same images for the same seed:
+
+* ``MMFPipeline.from_pretrained("user/repo")`` (or `load_pipeline`) where mmf_diffusers is installed;
+* ``DiffusionPipeline.from_pretrained("user/repo", trust_remote_code=True)`` with diffusers alone.
+
+For the second, the folder carries diffusers' remote-code layout (`add_remote_code`): a copy of
+``pipeline_mmf.py`` as ``pipeline.py`` at the top level, a copy of ``scheduling_mmf.py`` as
+``scheduler/scheduling_mmf.py``, and a ``model_index.json`` that names them (``"_class_name": ["pipeline",
+"MMFPipeline"]``, ``"scheduler": ["scheduling_mmf", "MMFScheduler"]``). diffusers resolves ``_class_name[0]`` as
+``<folder>/<name>.py`` and a component ``[module, class]`` as ``<folder>/<component>/<module>.py`` before looking for
+an installed library. The package's own entries are kept under ``_mmf_package_layout``, which
+``MMFPipeline.load_config`` reads back, so the same folder still loads with the installed classes.
+
+Components from diffusers (the UNet2DModel, or a FlowMapEulerDiscreteScheduler) need no copied code.
+
+Command line: ``mmf-push FOLDER REPO_ID [--private] [--token TOKEN] [--endpoint URL]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib
+import inspect
+import json
+import os
+import shutil
+import sys
+from typing import Any, Callable, Dict, Iterable, List, Optional, Union
+
+from diffusers import DiffusionPipeline
+from diffusers.pipelines.pipeline_loading_utils import LOADABLE_CLASSES
+from huggingface_hub import HfApi, get_token
+from huggingface_hub.errors import HfHubHTTPError
+
+from .model_card import is_mmf_card, write_model_card
+from .pipeline_mmf import PACKAGE_LAYOUT_KEY, MMFPipeline
+
+PathLike = Union[str, os.PathLike]
+
+MODEL_INDEX = "model_index.json"
+REMOTE_PIPELINE_MODULE = "pipeline"  # diffusers' documented name for a repository's own pipeline file
+PACKAGE = __name__.split(".")[0]
+
+AUTH_HELP = "pass a token (--token / token=...), set HF_TOKEN, or log in once with `hf auth login`"
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+def load_pipeline(repo_id_or_path: PathLike, **kwargs) -> MMFPipeline:
+    """Load an MMF pipeline from a local folder or a Hub repo id (see `MMFPipeline.from_pretrained`).
+
+    Works for folders written by ``save_pretrained`` and for folders and repositories in the remote-code layout;
+    ``kwargs`` go to ``from_pretrained`` (``revision``, ``token``, ``torch_dtype``, ...).
+    """
+    return MMFPipeline.from_pretrained(repo_id_or_path, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------- layout
+def _read_model_index(folder: PathLike) -> Dict[str, Any]:
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder} is not a directory")
+    path = os.path.join(folder, MODEL_INDEX)
+    if not os.path.isfile(path):
+        raise ValueError(f"{folder} is not a saved pipeline: it has no {MODEL_INDEX} (write one with save_pretrained)")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _write_model_index(folder: PathLike, index: Dict[str, Any]) -> None:
+    # The same format as diffusers' save_config.
+    with open(os.path.join(folder, MODEL_INDEX), "w", encoding="utf-8") as f:
+        f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _check_self_contained(path: str) -> None:
+    """Refuse to ship a module that imports mmf_diffusers or anything relative: it would not run as remote code."""
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), filename=path)
+    for node in ast.walk(tree):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                raise ValueError(f"{path} has a relative import (line {node.lineno}); it cannot ship as remote code")
+            names = [node.module or ""]
+        for name in names:
+            if name.split(".")[0] == PACKAGE:
+                raise ValueError(f"{path} imports {name} (line {node.lineno}); it cannot ship as remote code")
+
+
+def _package_class(library: str, class_name: str) -> type:
+    """The class an entry of a saved ``model_index.json`` names inside this package."""
+    if library.split(".")[0] != PACKAGE:
+        raise ValueError(
+            f"[{library!r}, {class_name!r}] is neither from a library diffusers loads nor from {PACKAGE}: "
+            "it cannot be shipped as remote code"
+        )
+    cls = getattr(importlib.import_module(library), class_name, None)
+    if not isinstance(cls, type):
+        raise ValueError(f"{library} has no class {class_name}")
+    return cls
+
+
+def _copy_source(cls: type, destination: str) -> None:
+    source = inspect.getsourcefile(cls)
+    _check_self_contained(source)
+    os.makedirs(os.path.dirname(destination), exist_ok=True)
+    shutil.copyfile(source, destination)
+
+
+def add_remote_code(folder: PathLike) -> Dict[str, Any]:
+    """Give a saved MMF pipeline folder diffusers' remote-code layout, in place; returns the new ``model_index.json``.
+
+    Copies the pipeline's module to ``pipeline.py`` and the module of every component that is not from a library
+    diffusers loads (the MMFScheduler) to ``<component>/<module>.py``, rewrites ``model_index.json`` to name those
+    files, and keeps the package entries under ``_mmf_package_layout``. The folder then loads both with
+    ``MMFPipeline.from_pretrained(folder)`` and with ``DiffusionPipeline.from_pretrained(folder,
+    trust_remote_code=True)``. Running it again refreshes the copies from the installed package.
+    """
+    index = _read_model_index(folder)
+    layout = dict(index.get(PACKAGE_LAYOUT_KEY) or {})
+
+    class_name = layout.get("_class_name", index.get("_class_name"))
+    if not isinstance(class_name, str):
+        raise ValueError(f"{folder}/{MODEL_INDEX} has _class_name {class_name!r} and no {PACKAGE_LAYOUT_KEY} entry")
+    pipeline_cls = getattr(importlib.import_module(PACKAGE), class_name, None)
+    if not (isinstance(pipeline_cls, type) and issubclass(pipeline_cls, DiffusionPipeline)):
+        raise ValueError(f"{folder} holds a {class_name}, which is not a pipeline of {PACKAGE}")
+    _copy_source(pipeline_cls, os.path.join(folder, f"{REMOTE_PIPELINE_MODULE}.py"))
+    layout["_class_name"] = class_name
+    index["_class_name"] = [REMOTE_PIPELINE_MODULE, class_name]
+
+    for name, entry in list(index.items()):
+        if name.startswith("_") or not isinstance(entry, list) or len(entry) != 2 or entry[0] is None:
+            continue
+        library, component_class = layout.get(name, entry)
+        if library.split(".")[0] in LOADABLE_CLASSES:
+            continue  # diffusers (or transformers, ...) loads it without any copied code
+        cls = _package_class(library, component_class)
+        module = cls.__module__.rsplit(".", 1)[-1]
+        _copy_source(cls, os.path.join(folder, name, f"{module}.py"))
+        layout[name] = [library, component_class]
+        index[name] = [module, component_class]
+
+    index[PACKAGE_LAYOUT_KEY] = layout
+    _write_model_index(folder, index)
+    return index
+
+
+def prepare_folder_for_hub(
+    folder: PathLike, repo_id: Optional[str] = None, card_info: Optional[Dict[str, Any]] = None, secrets: Iterable[Optional[str]] = ()
+) -> None:
+    """Make a saved pipeline folder ready to upload: the remote-code layout, and a model card.
+
+    ``card_info`` (see `write_model_card`) rewrites ``README.md``; without it a card is written only when the folder
+    has none or only diffusers' generic one, so a card written by the training script is kept.
+    """
+    add_remote_code(folder)
+    readme = os.path.join(folder, "README.md")
+    if card_info is not None or not is_mmf_card(readme):
+        info = dict(card_info or {})
+        if repo_id and "/" in repo_id:
+            info.setdefault("repo_id", repo_id)
+        write_model_card(folder, info, secrets=secrets)
+
+
+# ---------------------------------------------------------------------------------------------------- auth
+def check_hub_auth(token: Optional[str] = None, *, endpoint: Optional[str] = None, validate: bool = False) -> str:
+    """The token to push with: ``token`` if given, else ``HF_TOKEN``, else the cached login (``hf auth login``).
+
+    Raises a ValueError when there is none, so a training run with ``--push_to_hub`` fails before any work. With
+    ``validate=True`` the Hub (``endpoint``) is asked who the token belongs to, and a rejected token raises too. The
+    token never appears in a message.
+    """
+    token = token or get_token()
+    if not token:
+        raise ValueError(f"Pushing to the Hugging Face Hub needs a token and none was found: {AUTH_HELP}.")
+    if validate:
+        try:
+            HfApi(endpoint=endpoint).whoami(token=token)
+        except HfHubHTTPError as error:
+            status = getattr(error.response, "status_code", None)
+            raise ValueError(f"The Hub rejected the token (HTTP {status}): {AUTH_HELP}.") from None
+    return token
+
+
+def _files_containing(folder: PathLike, needle: str, chunk_size: int = 1 << 20) -> List[str]:
+    """Files under ``folder`` whose bytes contain ``needle`` (read in chunks, so large weights cost no memory)."""
+    pattern = needle.encode()
+    found = []
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            tail = b""
+            with open(path, "rb") as f:
+                while True:
+                    chunk = f.read(chunk_size)
+                    if not chunk:
+                        break
+                    if pattern in tail + chunk:
+                        found.append(os.path.relpath(path, folder))
+                        break
+                    tail = chunk[-(len(pattern) - 1) :] if len(pattern) > 1 else b""
+    return sorted(found)
+
+
+# ---------------------------------------------------------------------------------------------------- push
+def push_pipeline_folder(
+    folder: PathLike,
+    repo_id: str,
+    *,
+    token: Optional[str] = None,
+    private: bool = False,
+    commit_message: str = "Upload MMF pipeline",
+    endpoint: Optional[str] = None,
+    card_info: Optional[Dict[str, Any]] = None,
+) -> str:
+    """Upload a saved MMF pipeline folder to the Hub repository ``repo_id``; returns the commit URL.
+
+    The repository is created if needed (private when ``private``; an existing one keeps its visibility). The folder
+    first gets the remote-code layout and a model card, in place (`prepare_folder_for_hub`), so the local folder and
+    the repository both load with ``MMFPipeline.from_pretrained`` and with ``DiffusionPipeline.from_pretrained(...,
+    trust_remote_code=True)``. ``repo_id`` may omit the namespace (the token's user). The upload is refused if any file
+    contains the token. ``endpoint`` defaults to ``HF_ENDPOINT`` / huggingface.co.
+    """
+    _read_model_index(folder)  # a clear error for a missing folder or one without a pipeline, before anything else
+    token = check_hub_auth(token)
+    api = HfApi(endpoint=endpoint, token=token)
+    if "/" not in repo_id:
+        repo_id = f"{api.whoami()['name']}/{repo_id}"
+    prepare_folder_for_hub(folder, repo_id=repo_id, card_info=card_info, secrets=[token])
+    leaked = _files_containing(folder, token)
+    if leaked:
+        raise ValueError(f"Refusing to upload {folder}: the Hub token appears in {leaked}")
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)
+    return commit.commit_url
+
+
+def make_push_fn(args: argparse.Namespace) -> Optional[Callable[..., str]]:
+    """For a training script: None without ``args.push_to_hub``, else ``push(folder, commit_message, card_info=None)``.
+
+    Reads ``args.hub_model_id`` (default: the name of ``args.output_dir``, in the token's namespace),
+    ``args.hub_token``, ``args.hub_private_repo`` and ``args.hub_endpoint`` when the script has them. Checks the token
+    at once (`check_hub_auth`), so call it before training starts.
+    """
+    if not getattr(args, "push_to_hub", False):
+        return None
+    repo_id = getattr(args, "hub_model_id", None) or os.path.basename(os.path.normpath(getattr(args, "output_dir", "")))
+    if not repo_id:
+        raise ValueError("--push_to_hub needs --hub_model_id (user/name)")
+    endpoint = getattr(args, "hub_endpoint", None)
+    token = check_hub_auth(getattr(args, "hub_token", None), endpoint=endpoint)
+    private = bool(getattr(args, "hub_private_repo", False))
+
+    def push(folder: PathLike, commit_message: str, card_info: Optional[Dict[str, Any]] = None) -> str:
+        return push_pipeline_folder(
+            folder,
+            repo_id,
+            token=token,
+            private=private,
+            commit_message=commit_message,
+            endpoint=endpoint,
+            card_info=card_info,
+        )
+
+    return push
+
+
+# ---------------------------------------------------------------------------------------------------- command
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mmf-push",
+        description=(
+            "Push a saved MMF pipeline folder to the Hugging Face Hub, with the remote-code files that let "
+            "`DiffusionPipeline.from_pretrained(repo, trust_remote_code=True)` load it without mmf_diffusers."
+        ),
+    )
+    parser.add_argument("folder", help="pipeline folder written by save_pretrained (has model_index.json)")
+    parser.add_argument("repo_id", help="Hub repository, user/name (created if it does not exist)")
+    parser.add_argument("--private", action="store_true", help="create the repository private")
+    parser.add_argument(
+        "--token",
+        default=None,
+        help="Hub token with write access; default: HF_TOKEN, then the cached login (`hf auth login`). "
+        "Prefer those: a token on the command line is visible to other users of the machine.",
+    )
+    parser.add_argument("--endpoint", default=None, help="Hub URL (default: HF_ENDPOINT or https://huggingface.co)")
+    parser.add_argument("--commit-message", default="Upload MMF pipeline", help="commit message")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``mmf-push FOLDER REPO_ID [--private] [--token TOKEN] [--endpoint URL]``; returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        _read_model_index(args.folder)
+        token = check_hub_auth(args.token)
+    except (OSError, ValueError) as error:
+        parser.exit(2, f"mmf-push: error: {error}\n")
+    try:
+        url = push_pipeline_folder(
+            args.folder,
+            args.repo_id,
+            token=token,
+            private=args.private,
+            commit_message=args.commit_message,
+            endpoint=args.endpoint,
+        )
+    except (OSError, ValueError, HfHubHTTPError) as error:
+        parser.exit(1, f"mmf-push: error: {error}\n")
+    print(f"Pushed {args.folder} to {args.repo_id}: {url}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

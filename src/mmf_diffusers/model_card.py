@@ -1,0 +1,210 @@
+"""The model card (``README.md``) of a pushed MMF pipeline, written with huggingface_hub's `ModelCard` utilities.
+
+The card says how the model was trained (the command line with every secret redacted, steps, curriculum, loss
+settings, dataset, wall time), shows the sample grid, lists measured metrics, and shows how to load the model both
+with mmf_diffusers and with ``DiffusionPipeline.from_pretrained(..., trust_remote_code=True)``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+
+from huggingface_hub import ModelCard, ModelCardData, get_token
+
+#: Tags every card carries; the Hub uses ``pipeline_tag`` for the task filter and ``library_name`` for the
+#: "Use this model" snippet.
+TAGS = ["mmf", "meanflow", "unconditional-image-generation"]
+PIPELINE_TAG = "unconditional-image-generation"
+
+#: What ``info`` may hold (anything else is rejected, so a typo does not silently drop a section).
+INFO_KEYS = (
+    "title",
+    "description",
+    "repo_id",
+    "command",
+    "steps",
+    "curriculum",
+    "loss",
+    "dataset",
+    "wall_time_s",
+    "sample_grid",
+    "metrics",
+    "license",
+)
+
+REDACTED = "***"
+#: A command-line flag whose value is secret: ``--hub_token``, ``--token``, ``--api-key``, ``--password``, ...
+_SECRET_FLAG = re.compile(r"^--?[\w-]*(token|secret|password|passwd|api[_-]?key)[\w-]*$", re.IGNORECASE)
+
+
+def redact_command(command: Union[str, Sequence[str]], secrets: Iterable[Optional[str]] = ()) -> str:
+    """The command line as one shell-quoted string, with the value of every secret-looking flag (``--hub_token X``,
+    ``--hub_token=X``, ``--password X``, ...) and every occurrence of the given ``secrets`` replaced by ``***``."""
+    args = shlex.split(command) if isinstance(command, str) else [str(a) for a in command]
+    words: List[str] = []  # shell-quoted, except the redaction marker, which reads better bare
+    hide_next = False
+    for arg in args:
+        if hide_next and not arg.startswith("--"):
+            words.append(REDACTED)
+            hide_next = False
+            continue
+        hide_next = False
+        flag, eq, _ = arg.partition("=")
+        if _SECRET_FLAG.match(flag):
+            if eq:
+                words.append(f"{shlex.quote(flag)}={REDACTED}")
+                continue
+            hide_next = True
+        words.append(shlex.quote(arg))
+    return _scrub(" ".join(words), secrets)
+
+
+def _scrub(text: str, secrets: Iterable[Optional[str]]) -> str:
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, REDACTED)
+    return text
+
+
+def _known_secrets(extra: Iterable[Optional[str]]) -> List[str]:
+    """Secrets to scrub from anything written: the given ones plus the token huggingface_hub would use now."""
+    found = [s for s in extra if s]
+    for candidate in (get_token(), os.environ.get("HF_TOKEN"), os.environ.get("HUGGING_FACE_HUB_TOKEN")):
+        if candidate and candidate not in found:
+            found.append(candidate)
+    return found
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_format_value(v)}" for k, v in value.items())
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def _format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    if hours:
+        return f"{hours} h {minutes:02d} min"
+    if minutes:
+        return f"{minutes} min {seconds:02d} s"
+    return f"{seconds} s"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def model_card_text(info: Dict[str, Any], secrets: Iterable[Optional[str]] = ()) -> str:
+    """The full ``README.md`` text (YAML metadata + markdown) for ``info``; see `write_model_card`."""
+    unknown = sorted(set(info) - set(INFO_KEYS))
+    if unknown:
+        raise ValueError(f"Unknown model card fields {unknown}; the known ones are {list(INFO_KEYS)}")
+    secrets = _known_secrets(secrets)
+    repo_id = info.get("repo_id") or "<user>/<repo>"
+
+    data = ModelCardData(
+        library_name="diffusers", license=info.get("license"), tags=list(TAGS), pipeline_tag=PIPELINE_TAG
+    )
+    lines = [f"# {info.get('title') or 'Modular MeanFlow one-step image generator'}", ""]
+    lines += [
+        info.get("description")
+        or (
+            "An unconditional image generator trained with Modular MeanFlow (MMF, You, Liu & He, arXiv 2508.17426): "
+            "the UNet predicts the average velocity `u(z_t, r, t)` between two times (t = 0 data, t = 1 noise), so "
+            "one network evaluation turns noise into an image, `x = z_1 - u(z_1, 0, 1)`; more steps are optional."
+        ),
+        "",
+    ]
+
+    if info.get("sample_grid"):
+        lines += ["## Samples", "", f"![sample grid]({info['sample_grid']})", ""]
+
+    training = [
+        ("steps", info.get("steps")),
+        ("curriculum", info.get("curriculum")),
+        ("loss", info.get("loss")),
+        ("dataset", info.get("dataset")),
+        ("wall time", _format_duration(info["wall_time_s"]) if info.get("wall_time_s") is not None else None),
+    ]
+    training = [(name, value) for name, value in training if value is not None]
+    if training or info.get("command"):
+        lines += ["## How it was trained", ""]
+        if training:
+            lines += ["| setting | value |", "| --- | --- |"]
+            lines += [f"| {name} | {_cell(_format_value(value))} |" for name, value in training]
+            lines += [""]
+        if info.get("command"):
+            lines += ["Command line (secrets redacted):", "", "```bash", redact_command(info["command"], secrets), "```", ""]
+
+    if info.get("metrics"):
+        lines += ["## Metrics", "", "| metric | value |", "| --- | --- |"]
+        lines += [f"| {_cell(str(name))} | {_cell(_format_value(value))} |" for name, value in info["metrics"].items()]
+        lines += [""]
+
+    lines += [
+        "## How to load",
+        "",
+        "With the `mmf_diffusers` package installed:",
+        "",
+        "```python",
+        "import torch",
+        "from mmf_diffusers import MMFPipeline",
+        "",
+        f'pipe = MMFPipeline.from_pretrained("{repo_id}")',
+        "images = pipe(num_images=16, generator=torch.Generator().manual_seed(0)).images  # one network evaluation",
+        "```",
+        "",
+        "With diffusers alone: the repository carries its pipeline (`pipeline.py`) and scheduler "
+        "(`scheduler/scheduling_mmf.py`) as remote code, which `trust_remote_code=True` runs (read them first):",
+        "",
+        "```python",
+        "import torch",
+        "from diffusers import DiffusionPipeline",
+        "",
+        f'pipe = DiffusionPipeline.from_pretrained("{repo_id}", trust_remote_code=True)',
+        "images = pipe(num_images=16, generator=torch.Generator().manual_seed(0)).images",
+        "```",
+        "",
+        "Both give the same images for the same seed. `num_inference_steps=2` (or more) trades time for quality.",
+        "",
+    ]
+    text = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)
+    return _scrub(text, secrets)
+
+
+def write_model_card(folder: Union[str, os.PathLike], info: Dict[str, Any], secrets: Iterable[Optional[str]] = ()) -> str:
+    """Write ``folder/README.md`` for a pipeline folder and return its path.
+
+    Args:
+        folder: the pipeline folder (with ``model_index.json``).
+        info: what to say; every field is optional. ``title``, ``description``, ``repo_id`` (used in the loading
+            snippets), ``command`` (argv list or string; secret flag values are redacted), ``steps``, ``curriculum``
+            and ``loss`` (dicts or strings), ``dataset``, ``wall_time_s`` (seconds), ``sample_grid`` (image path
+            relative to ``folder``; must exist), ``metrics`` (name -> value), ``license`` (a Hub licence id).
+        secrets: strings that must not appear in the card (e.g. the Hub token); the token huggingface_hub would use
+            now (``HF_TOKEN`` or the cached login) is always scrubbed too.
+    """
+    grid = info.get("sample_grid")
+    if grid is not None:
+        if os.path.isabs(grid) or not os.path.isfile(os.path.join(folder, grid)):
+            raise ValueError(f"sample_grid must be a path relative to {folder} of an existing file, got {grid!r}")
+        info = {**info, "sample_grid": grid.replace(os.sep, "/")}
+    card = ModelCard(model_card_text(info, secrets))
+    path = os.path.join(folder, "README.md")
+    card.save(path)
+    return path
+
+
+def is_mmf_card(path: Union[str, os.PathLike]) -> bool:
+    """Whether ``path`` is a model card written by `write_model_card` (it carries the ``mmf`` tag)."""
+    if not os.path.isfile(path):
+        return False
+    card = ModelCard.load(path)
+    return "mmf" in (card.data.tags or [])

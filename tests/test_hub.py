@@ -1,0 +1,541 @@
+"""Tests for Hub sharing (`mmf_diffusers.hub`, `mmf_diffusers.model_card`, `MMFPipeline.from_pretrained(repo_id)`).
+
+Everything runs against `hub_server.HubServer`, a Hub look-alike on 127.0.0.1 driven by the real huggingface_hub client,
+with tiny CPU pipelines (`build_mmf_unet(sample_size=8, block_out_channels=(8, 16), norm_num_groups=4)`). Loading by
+repo id happens in subprocesses that get ``HF_ENDPOINT`` before huggingface_hub is imported (it is read at import),
+with their own ``HF_HOME`` / ``HF_HUB_CACHE`` in a temporary folder. One of them cannot import mmf_diffusers at all, and
+loads with ``DiffusionPipeline.from_pretrained(..., trust_remote_code=True)`` alone.
+
+Images are compared bit for bit (``np.array_equal``) against the original pipeline with the seeded generator. The
+original's attention uses diffusers' default processor, the one a loaded UNet gets (`build_mmf_unet` installs a
+forward-AD-safe math-backend processor for training, which differs in the last float bit).
+
+The test token is random per run; every file pushed or written, all captured output and every log record are
+searched for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import os
+import secrets
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from huggingface_hub import HfApi, ModelCard
+from huggingface_hub.errors import RepositoryNotFoundError
+
+import mmf_diffusers
+from mmf_diffusers import MMFPipeline, MMFScheduler, build_mmf_unet
+from mmf_diffusers.hub import (
+    add_remote_code,
+    check_hub_auth,
+    load_pipeline,
+    main,
+    make_push_fn,
+    push_pipeline_folder,
+)
+from mmf_diffusers.model_card import redact_command, write_model_card
+from mmf_diffusers.pipeline_mmf import PACKAGE_LAYOUT_KEY
+
+from hub_server import HubServer, token_digest
+
+TOKEN = "hf_test" + secrets.token_hex(16)
+USER = "tester"
+PRIVATE_REPO = f"{USER}/mmf-tiny"  # pushed with push_pipeline_folder(private=True)
+PUSH_TO_HUB_REPO = f"{USER}/mmf-tiny-push-to-hub"  # pushed with MMFPipeline.push_to_hub in a subprocess
+SRC = os.path.dirname(os.path.dirname(os.path.abspath(mmf_diffusers.__file__)))
+SUBPROCESS_TIMEOUT = 240
+
+
+def seeded(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def tiny_pipeline(seed: int = 0) -> MMFPipeline:
+    torch.manual_seed(seed)
+    unet = build_mmf_unet(sample_size=8, in_channels=1, block_out_channels=(8, 16), norm_num_groups=4)
+    for module in unet.modules():  # the processor a loaded UNet2DModel gets
+        if isinstance(module, Attention):
+            module.set_processor(AttnProcessor2_0())
+    pipe = MMFPipeline(unet.eval(), MMFScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def images(pipe, steps: int = 1) -> np.ndarray:
+    return pipe(num_images=3, num_inference_steps=steps, generator=seeded(0), output_type="np").images
+
+
+def assert_token_absent(text_or_bytes, where: str) -> None:
+    needle = TOKEN.encode() if isinstance(text_or_bytes, bytes) else TOKEN
+    # Not `assert TOKEN not in ...`: pytest would print both operands on failure.
+    assert (needle in text_or_bytes) is False, f"the token leaked into {where}"
+
+
+def assert_folder_clean(folder: str) -> None:
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                assert_token_absent(f.read(), os.path.join(root, name))
+
+
+def hub_env(hub: HubServer, home: str, token: str | None = TOKEN, pythonpath: str | None = SRC) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE_"))}
+    env.pop("PYTHONPATH", None)
+    env.update(
+        HF_ENDPOINT=hub.url,
+        HF_HOME=os.path.join(home, "hf_home"),
+        HF_HUB_CACHE=os.path.join(home, "hub_cache"),
+        HF_HUB_DISABLE_TELEMETRY="1",
+        HF_HUB_DISABLE_PROGRESS_BARS="1",
+        HF_HUB_DISABLE_XET="1",
+    )
+    if token is not None:
+        env["HF_TOKEN"] = token
+    if pythonpath is not None:
+        env["PYTHONPATH"] = pythonpath
+    return env
+
+
+def run_script(script: str, env: dict, cwd: str) -> subprocess.CompletedProcess:
+    path = os.path.join(cwd, "script.py")
+    with open(path, "w") as f:
+        f.write(textwrap.dedent(script))
+    result = subprocess.run(
+        [sys.executable, path], env=env, cwd=cwd, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT
+    )
+    assert_token_absent(result.stdout, "a subprocess's stdout")
+    assert_token_absent(result.stderr, "a subprocess's stderr")
+    assert result.returncode == 0, f"subprocess failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(self.format(record))
+
+
+@contextlib.contextmanager
+def captured_everything():
+    """stdout, stderr and every log record (root logger, DEBUG), as one list of strings."""
+    out, err, handler = io.StringIO(), io.StringIO(), _Records()
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    texts = []
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            yield texts
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+        texts += [out.getvalue(), err.getvalue(), *handler.messages]
+
+
+# ---------------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def hub():
+    with HubServer({TOKEN: USER}) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def reference():
+    pipe = tiny_pipeline()
+    return {"pipe": pipe, "images": images(pipe), "images_2_steps": images(pipe, steps=2)}
+
+
+@pytest.fixture(scope="module")
+def pushed(hub, reference, tmp_path_factory):
+    """Push the tiny pipeline twice, then load both repositories in two subprocesses, one without mmf_diffusers."""
+    work = str(tmp_path_factory.mktemp("hub"))
+    folder = os.path.join(work, "pipeline")
+    reference["pipe"].save_pretrained(folder)
+    from PIL import Image
+
+    Image.fromarray((reference["images"][0, :, :, 0] * 255).astype("uint8")).save(os.path.join(folder, "samples.png"))
+    card_info = {
+        "repo_id": PRIVATE_REPO,
+        "command": ["training/train_mmf.py", "--hub_token", TOKEN, f"--hub_token={TOKEN}", "--max_train_steps", "5"],
+        "steps": 5,
+        "curriculum": {"lam_start": 0.0, "lam_end": 1.0, "warmup_steps": 2, "shape": "linear"},
+        "loss": {"tangent": "model", "adaptive_p": 1.0},
+        "dataset": "sklearn digits (8x8)",
+        "wall_time_s": 75.0,
+        "sample_grid": "samples.png",
+        "metrics": {"sliced W2 (1 step)": 0.125},
+        "license": "apache-2.0",
+    }
+    with captured_everything() as texts:
+        commit_url = push_pipeline_folder(
+            folder, PRIVATE_REPO, token=TOKEN, private=True, endpoint=hub.url, card_info=card_info
+        )
+    # push_to_hub goes through module-level huggingface_hub functions bound to HF_ENDPOINT at import: a subprocess.
+    push = run_script(
+        f"""
+        from mmf_diffusers import MMFPipeline
+        pipe = MMFPipeline.from_pretrained({folder!r})
+        url = pipe.push_to_hub({PUSH_TO_HUB_REPO!r}, token={TOKEN!r})
+        print("pushed", url)
+        """,
+        hub_env(hub, work, token=None),
+        work,
+    )
+    loaded_with_package = run_script(
+        f"""
+        import json
+        import numpy as np
+        import torch
+        from mmf_diffusers import MMFPipeline, MMFScheduler
+        from mmf_diffusers.hub import load_pipeline
+
+        def images(pipe, steps=1):
+            pipe.set_progress_bar_config(disable=True)
+            return pipe(num_images=3, num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
+                        output_type="np").images
+
+        report = {{}}
+        for name, repo in [("private", {PRIVATE_REPO!r}), ("push_to_hub", {PUSH_TO_HUB_REPO!r})]:
+            pipe = MMFPipeline.from_pretrained(repo)
+            np.save(name + "_package.npy", images(pipe))
+            np.save(name + "_package_2_steps.npy", images(pipe, steps=2))
+            report[name] = [type(pipe).__module__, type(pipe.scheduler).__module__]
+        np.save("load_pipeline.npy", images(load_pipeline({PRIVATE_REPO!r})))
+        json.dump(report, open("package_report.json", "w"))
+        """,
+        hub_env(hub, work),
+        work,
+    )
+    loaded_without_package = run_script(
+        f"""
+        import importlib.abc, sys
+
+        class BlockMMF(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "mmf_diffusers":
+                    raise ModuleNotFoundError("No module named 'mmf_diffusers' (blocked by the test)")
+
+        sys.meta_path.insert(0, BlockMMF())
+        try:
+            import mmf_diffusers
+        except ImportError:
+            pass
+        else:
+            raise SystemExit("mmf_diffusers is importable; the test would prove nothing")
+
+        import json
+        import numpy as np
+        import torch
+        from diffusers import DiffusionPipeline
+
+        def images(pipe, steps=1):
+            pipe.set_progress_bar_config(disable=True)
+            return pipe(num_images=3, num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
+                        output_type="np").images
+
+        report = {{}}
+        for name, repo in [("private", {PRIVATE_REPO!r}), ("push_to_hub", {PUSH_TO_HUB_REPO!r}), ("local", {folder!r})]:
+            pipe = DiffusionPipeline.from_pretrained(repo, trust_remote_code=True)
+            np.save(name + "_remote_code.npy", images(pipe))
+            np.save(name + "_remote_code_2_steps.npy", images(pipe, steps=2))
+            report[name] = [type(pipe).__module__, type(pipe.scheduler).__module__]
+        report["mmf_diffusers_imported"] = any(m.split(".")[0] == "mmf_diffusers" for m in sys.modules)
+        json.dump(report, open("remote_code_report.json", "w"))
+        """,
+        hub_env(hub, work, pythonpath=None),
+        work,
+    )
+    return {
+        "work": work,
+        "folder": folder,
+        "commit_url": commit_url,
+        "texts": texts + [push.stdout, push.stderr],
+        "loaders": [loaded_with_package, loaded_without_package],
+    }
+
+
+def load_npy(pushed, name):
+    return np.load(os.path.join(pushed["work"], name + ".npy"))
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+def test_repo_loads_with_mmf_pipeline_and_gives_the_same_images(pushed, reference):
+    with open(os.path.join(pushed["work"], "package_report.json")) as f:
+        report = json.load(f)
+    for name in ("private", "push_to_hub"):
+        assert report[name] == ["mmf_diffusers.pipeline_mmf", "mmf_diffusers.scheduling_mmf"], name
+        assert np.array_equal(load_npy(pushed, f"{name}_package"), reference["images"]), name
+        assert np.array_equal(load_npy(pushed, f"{name}_package_2_steps"), reference["images_2_steps"]), name
+    assert np.array_equal(load_npy(pushed, "load_pipeline"), reference["images"])
+
+
+def test_repo_loads_with_diffusers_alone_and_gives_the_same_images(pushed, reference):
+    with open(os.path.join(pushed["work"], "remote_code_report.json")) as f:
+        report = json.load(f)
+    assert report["mmf_diffusers_imported"] is False
+    for name in ("private", "push_to_hub", "local"):
+        pipeline_module, scheduler_module = report[name]
+        assert pipeline_module.startswith("diffusers_modules.") and pipeline_module.endswith(".pipeline"), name
+        assert scheduler_module.startswith("diffusers_modules.") and scheduler_module.endswith(".scheduling_mmf"), name
+        assert np.array_equal(load_npy(pushed, f"{name}_remote_code"), reference["images"]), name
+        assert np.array_equal(load_npy(pushed, f"{name}_remote_code_2_steps"), reference["images_2_steps"]), name
+    # diffusers' import check would warn about a package the copied files name but cannot find.
+    assert "might require the following packages" not in pushed["loaders"][1].stderr
+
+
+def test_pushed_repository_layout(pushed, hub):
+    for repo_id in (PRIVATE_REPO, PUSH_TO_HUB_REPO):
+        files = hub.files(repo_id)
+        for path in (
+            "model_index.json",
+            "pipeline.py",
+            "scheduler/scheduling_mmf.py",
+            "scheduler/scheduler_config.json",
+            "unet/config.json",
+            "unet/diffusion_pytorch_model.safetensors",
+            "README.md",
+        ):
+            assert path in files, (repo_id, path)
+        index = json.loads(files["model_index.json"])
+        assert index["_class_name"] == ["pipeline", "MMFPipeline"]
+        assert index["scheduler"] == ["scheduling_mmf", "MMFScheduler"]
+        assert index["unet"] == ["diffusers", "UNet2DModel"]
+        assert index[PACKAGE_LAYOUT_KEY] == {
+            "_class_name": "MMFPipeline",
+            "scheduler": ["mmf_diffusers.scheduling_mmf", "MMFScheduler"],
+        }
+        with open(mmf_diffusers.pipeline_mmf.__file__, "rb") as f:
+            assert files["pipeline.py"] == f.read()
+        with open(mmf_diffusers.scheduling_mmf.__file__, "rb") as f:
+            assert files["scheduler/scheduling_mmf.py"] == f.read()
+        card = ModelCard(files["README.md"].decode())
+        assert "mmf" in card.data.tags and card.data.library_name == "diffusers"
+    assert "samples.png" in hub.files(PRIVATE_REPO)
+    assert hub.unknown_requests == []
+
+
+def test_local_folders_load_with_mmf_pipeline(tmp_path, reference):
+    package_folder, remote_code_folder = str(tmp_path / "package"), str(tmp_path / "remote_code")
+    reference["pipe"].save_pretrained(package_folder)
+    reference["pipe"].save_pretrained(remote_code_folder)
+    add_remote_code(remote_code_folder)
+    add_remote_code(remote_code_folder)  # idempotent
+    for folder in (package_folder, remote_code_folder):
+        for pipe in (MMFPipeline.from_pretrained(folder), load_pipeline(folder)):
+            assert type(pipe) is MMFPipeline and type(pipe.scheduler) is MMFScheduler
+            pipe.set_progress_bar_config(disable=True)
+            assert np.array_equal(images(pipe), reference["images"]), folder
+    with open(os.path.join(package_folder, "model_index.json")) as f:
+        assert json.load(f)["_class_name"] == "MMFPipeline"  # save_pretrained's own layout is untouched
+
+
+def test_remote_code_folder_asks_for_trust_before_running_its_code(tmp_path, reference):
+    from diffusers import DiffusionPipeline
+
+    folder = str(tmp_path / "remote_code")
+    reference["pipe"].save_pretrained(folder)
+    add_remote_code(folder)
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        DiffusionPipeline.from_pretrained(folder)
+
+
+def test_add_remote_code_refuses_a_module_that_is_not_self_contained(tmp_path, monkeypatch):
+    from mmf_diffusers import hub as hub_module
+
+    module = tmp_path / "not_self_contained.py"
+    module.write_text("from mmf_diffusers.unet import build_mmf_unet\n")
+    with pytest.raises(ValueError, match="cannot ship as remote code"):
+        hub_module._check_self_contained(str(module))
+    module.write_text("from .unet import build_mmf_unet\n")
+    with pytest.raises(ValueError, match="relative import"):
+        hub_module._check_self_contained(str(module))
+    # The two files that do ship must stay self-contained.
+    hub_module._check_self_contained(mmf_diffusers.pipeline_mmf.__file__)
+    hub_module._check_self_contained(mmf_diffusers.scheduling_mmf.__file__)
+
+
+def test_diffusers_scheduler_needs_no_remote_code(tmp_path):
+    from diffusers import FlowMapEulerDiscreteScheduler
+
+    pipe = tiny_pipeline()
+    pipe = MMFPipeline(pipe.unet, FlowMapEulerDiscreteScheduler())
+    folder = str(tmp_path / "flowmap")
+    pipe.save_pretrained(folder)
+    index = add_remote_code(folder)
+    assert index["scheduler"] == ["diffusers", "FlowMapEulerDiscreteScheduler"]
+    assert not os.path.exists(os.path.join(folder, "scheduler", "scheduling_mmf.py"))
+    assert type(MMFPipeline.from_pretrained(folder).scheduler) is FlowMapEulerDiscreteScheduler
+
+
+# ---------------------------------------------------------------------------------------------------- privacy, token
+def test_private_flag_and_token_sent(pushed, hub):
+    creates = [r for r in hub.requests_to("POST", r"^/api/repos/create$") if r["json"]["name"] == "mmf-tiny"]
+    assert creates and all(r["json"].get("visibility") == "private" for r in creates)
+    assert hub.repos[PRIVATE_REPO].private is True
+    assert hub.repos[PUSH_TO_HUB_REPO].private is False
+    writes = hub.requests_to("POST", r"^/api/(repos/create|models/.*/(preupload|commit)/)")
+    assert writes and all(r["token_sha256"] == token_digest(TOKEN) and r["user"] == USER for r in writes)
+    with pytest.raises(RepositoryNotFoundError):
+        HfApi(endpoint=hub.url).model_info(PRIVATE_REPO, token=False)
+    assert pushed["commit_url"].startswith(f"{hub.url}/{PRIVATE_REPO}/commit/")
+
+
+def test_token_never_leaks(pushed, hub):
+    for repo_id, repo in hub.repos.items():
+        for sha, files in repo.snapshots.items():
+            for path, content in files.items():
+                assert_token_absent(content, f"{repo_id}@{sha}:{path}")
+    assert_folder_clean(pushed["folder"])
+    for text in pushed["texts"]:
+        assert_token_absent(text, "captured output or logs")
+
+
+def test_push_refuses_a_folder_that_contains_the_token(tmp_path, hub, reference):
+    folder = str(tmp_path / "leaky")
+    reference["pipe"].save_pretrained(folder)
+    with open(os.path.join(folder, "notes.txt"), "w") as f:
+        f.write(f"token={TOKEN}\n")
+    commits_before = len(hub.requests_to("POST", "/commit/"))
+    with pytest.raises(ValueError, match=r"notes\.txt") as error:
+        push_pipeline_folder(folder, f"{USER}/leaky", token=TOKEN, endpoint=hub.url)
+    assert_token_absent(str(error.value), "the error message")
+    assert len(hub.requests_to("POST", "/commit/")) == commits_before
+    assert f"{USER}/leaky" not in hub.repos
+
+
+# ---------------------------------------------------------------------------------------------------- model card
+def test_model_card_contents(pushed, hub):
+    text = hub.files(PRIVATE_REPO)["README.md"].decode()
+    card = ModelCard(text)
+    assert card.data.library_name == "diffusers"
+    assert card.data.pipeline_tag == "unconditional-image-generation"
+    assert card.data.license == "apache-2.0"
+    assert set(card.data.tags) >= {"mmf", "meanflow", "unconditional-image-generation"}
+    for expected in (
+        "## How it was trained",
+        "--hub_token ***",
+        "--hub_token=***",
+        "--max_train_steps 5",
+        "| steps | 5 |",
+        "lam_start=0, lam_end=1, warmup_steps=2, shape=linear",
+        "tangent=model, adaptive_p=1",
+        "sklearn digits (8x8)",
+        "1 min 15 s",
+        "![sample grid](samples.png)",
+        "## Metrics",
+        "| sliced W2 (1 step) | 0.125 |",
+        f'MMFPipeline.from_pretrained("{PRIVATE_REPO}")',
+        f'DiffusionPipeline.from_pretrained("{PRIVATE_REPO}", trust_remote_code=True)',
+    ):
+        assert expected in text, expected
+    # push_to_hub's generic diffusers card is replaced by ours.
+    generic = ModelCard(hub.files(PUSH_TO_HUB_REPO)["README.md"].decode())
+    assert "mmf" in generic.data.tags
+    assert f'MMFPipeline.from_pretrained("{PUSH_TO_HUB_REPO}")' in generic.text
+
+
+def test_redact_command():
+    assert redact_command(["train.py", "--hub_token", "abc", "--lr", "1e-4"]) == "train.py --hub_token *** --lr 1e-4"
+    assert redact_command("train.py --hub_token=abc --api-key xyz") == "train.py --hub_token=*** --api-key ***"
+    assert redact_command(["train.py", "--note", "contains abc"], secrets=["abc"]) == "train.py --note 'contains ***'"
+    assert redact_command(["train.py", "--push_to_hub", "--hub_token"]) == "train.py --push_to_hub --hub_token"
+
+
+def test_model_card_rejects_bad_info(tmp_path):
+    with pytest.raises(ValueError, match="Unknown model card fields"):
+        write_model_card(str(tmp_path), {"stepz": 3})
+    with pytest.raises(ValueError, match="sample_grid"):
+        write_model_card(str(tmp_path), {"sample_grid": "missing.png"})
+
+
+def test_model_card_scrubs_the_current_token(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    path = write_model_card(str(tmp_path), {"description": f"trained by someone whose token is {TOKEN}"})
+    with open(path) as f:
+        assert_token_absent(f.read(), "the model card")
+
+
+# ---------------------------------------------------------------------------------------------------- auth, CLI
+@pytest.fixture
+def no_login(monkeypatch, tmp_path):
+    """No HF_TOKEN, no cached login."""
+    import huggingface_hub.constants
+
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no_token"))
+
+
+def test_check_hub_auth(no_login, monkeypatch, hub):
+    with pytest.raises(ValueError, match="needs a token"):
+        check_hub_auth(None)
+    assert check_hub_auth(TOKEN) == TOKEN
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    assert check_hub_auth(None) == TOKEN
+    assert check_hub_auth(None, endpoint=hub.url, validate=True) == TOKEN
+    with pytest.raises(ValueError, match="rejected") as error:
+        check_hub_auth("hf_wrong_" + TOKEN[-8:], endpoint=hub.url, validate=True)
+    assert TOKEN[-8:] not in str(error.value)
+
+
+def test_make_push_fn(no_login, tmp_path, hub, reference):
+    assert make_push_fn(argparse.Namespace(push_to_hub=False)) is None
+    args = argparse.Namespace(push_to_hub=True, hub_model_id=None, hub_token=None, output_dir=str(tmp_path / "run-7"))
+    with pytest.raises(ValueError, match="needs a token"):
+        make_push_fn(args)
+    args.hub_token, args.hub_endpoint, args.hub_private_repo = TOKEN, hub.url, True
+    push = make_push_fn(args)
+    folder = str(tmp_path / "checkpoint")
+    reference["pipe"].save_pretrained(folder)
+    url = push(folder, "checkpoint 10", card_info={"steps": 10})
+    assert f"/{USER}/run-7/commit/" in url  # the repo name defaults to the output folder's, in the token's namespace
+    assert hub.repos[f"{USER}/run-7"].private is True
+    assert "| steps | 10 |" in hub.files(f"{USER}/run-7")["README.md"].decode()
+
+
+def test_cli_errors(no_login, tmp_path, capsys, reference):
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "missing"), f"{USER}/x"])
+    assert exit_info.value.code == 2 and "is not a directory" in capsys.readouterr().err
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "empty"), f"{USER}/x"])
+    assert exit_info.value.code == 2 and "not a saved pipeline" in capsys.readouterr().err
+
+    folder = str(tmp_path / "pipeline")
+    reference["pipe"].save_pretrained(folder)
+    with pytest.raises(SystemExit) as exit_info:
+        main([folder, f"{USER}/x"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "needs a token" in err and "HF_TOKEN" in err
+
+
+def test_cli_push(no_login, monkeypatch, tmp_path, capsys, hub, reference):
+    folder = str(tmp_path / "pipeline")
+    reference["pipe"].save_pretrained(folder)
+    assert main([folder, f"{USER}/cli-private", "--private", "--token", TOKEN, "--endpoint", hub.url]) == 0
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    assert main([folder, f"{USER}/cli-public", "--endpoint", hub.url]) == 0
+    out, err = capsys.readouterr()
+    assert_token_absent(out + err, "the command's output")
+    assert out.count("Pushed ") == 2
+    assert hub.repos[f"{USER}/cli-private"].private is True
+    assert hub.repos[f"{USER}/cli-public"].private is False
+    assert "pipeline.py" in hub.files(f"{USER}/cli-public")
+    assert_folder_clean(folder)
