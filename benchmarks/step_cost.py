@@ -1,0 +1,142 @@
+"""Training-step cost of MMF against plain flow matching, measured side by side in one run.
+
+For one UNet2DModel and batch (default: 28x28x1, block_out_channels (32, 64, 64), attention at the lowest
+level, batch 64) this times a full optimiser step (loss, backward, Adam) for:
+
+* ``flow_matching``: the same loss with every row r = t (no derivative);
+* ``meanflow_published``: MeanFlow as published: du/dt by jvp under no_grad over the *whole* batch, then a
+  separate forward + backward (``r_neq_t_fraction`` rows have r != t, the rest r = t, as in the paper);
+* ``mmf_<estimator>_lam<lam>``: our loss, which takes the derivative on the r != t rows only, for
+  ``estimator`` in {jvp, finite_difference} and lam in {0, 1}.
+
+Each configuration runs in its own subprocess (so that peak memory, the max RSS, is its own), after warm-up
+steps, and the table gives the median step time, the ratio to flow matching, and the peak RSS.
+
+Run: ``python benchmarks/step_cost.py [--steps 10] [--batch 64] [--json benchmarks/results/step_cost.json]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+CONFIGS = [
+    "flow_matching",
+    "meanflow_published",
+    "mmf_jvp_lam0",
+    "mmf_jvp_lam1",
+    "mmf_finite_difference_lam0",
+    "mmf_finite_difference_lam1",
+]
+
+
+def run_one(name: str, args) -> dict:
+    import torch
+
+    from mmf_diffusers import ModularMeanFlowLoss, TimeSampler, build_mmf_unet, unet_model_fn
+    from mmf_diffusers.derivatives import jvp_derivative
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    unet = build_mmf_unet(
+        sample_size=args.resolution, in_channels=1, block_out_channels=tuple(args.block_out_channels)
+    )
+    model_fn = unet_model_fn(unet)
+    optimizer = torch.optim.Adam(unet.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    fraction = 0.0 if name == "flow_matching" else args.r_neq_t_fraction
+    sampler = TimeSampler("logit_normal", -0.4, 1.0, r_neq_t_fraction=fraction)
+
+    if name.startswith("mmf_"):
+        estimator, lam = name[4:].rsplit("_lam", 1)
+        loss_fn = ModularMeanFlowLoss(sampler, derivative=estimator)
+        lam = float(lam)
+
+        def step(x):
+            return loss_fn(model_fn, x, lam, generator=g).loss
+
+    elif name == "flow_matching":
+        loss_fn = ModularMeanFlowLoss(sampler)
+
+        def step(x):
+            return loss_fn(model_fn, x, 0.0, generator=g).loss
+
+    else:  # meanflow_published: derivative on every row, then a separate forward for the gradient
+
+        def step(x):
+            t, r = sampler(x.shape[0], generator=g)
+            e = torch.randn(x.shape, generator=g)
+            tb, rb = t.view(-1, 1, 1, 1), r.view(-1, 1, 1, 1)
+            z = (1 - tb) * x + tb * e
+            v = e - x
+            _, dudt = jvp_derivative(model_fn, z, r, t, v, create_graph=False)
+            target = v - (tb - rb) * dudt
+            return (model_fn(z, r, t) - target).pow(2).mean()
+
+    times = []
+    for i in range(args.warmup + args.steps):
+        x = torch.rand(args.batch, 1, args.resolution, args.resolution, generator=g) * 2 - 1
+        start = time.perf_counter()
+        loss = step(x)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - start)
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"config": name, "median_ms": 1000 * statistics.median(times), "times_ms": [1000 * s for s in times],
+            "peak_rss_mib": peak_kib / 1024}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--resolution", type=int, default=28)
+    parser.add_argument("--block_out_channels", type=int, nargs="+", default=[32, 64, 64])
+    parser.add_argument("--r_neq_t_fraction", type=float, default=0.25, help="rows with r != t (paper: 0.25)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--configs", nargs="+", default=CONFIGS, choices=CONFIGS)
+    parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--_one", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args._one:
+        print(json.dumps(run_one(args._one, args)))
+        return
+
+    # Every flag but --json and --configs goes to the per-configuration subprocesses.
+    passthrough = [f"--steps={args.steps}", f"--warmup={args.warmup}", f"--batch={args.batch}",
+                   f"--resolution={args.resolution}", f"--r_neq_t_fraction={args.r_neq_t_fraction}",
+                   f"--threads={args.threads}", "--block_out_channels", *map(str, args.block_out_channels)]
+    rows = []
+    for name in args.configs:
+        cmd = [sys.executable, __file__, "--_one", name] + passthrough
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(f"  {name}: {rows[-1]['median_ms']:.0f} ms", file=sys.stderr)
+    base = next((r["median_ms"] for r in rows if r["config"] == "flow_matching"), None)
+    print(f"batch {args.batch}, {args.resolution}x{args.resolution}x1, UNet {tuple(args.block_out_channels)}, "
+          f"r != t on {args.r_neq_t_fraction:.0%} of rows, {args.threads} threads, {args.steps} timed steps")
+    print("| config | median ms/step | x flow matching | peak RSS MiB |")
+    print("| --- | --- | --- | --- |")
+    for r in rows:
+        ratio = f"{r['median_ms'] / base:.2f}" if base else "-"
+        r["ratio_to_flow_matching"] = r["median_ms"] / base if base else None
+        print(f"| {r['config']} | {r['median_ms']:.0f} | {ratio} | {r['peak_rss_mib']:.0f} |")
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as fh:
+            json.dump({"args": {k: v for k, v in vars(args).items() if not k.startswith("_")}, "rows": rows}, fh,
+                      indent=1)
+
+
+if __name__ == "__main__":
+    main()
