@@ -508,6 +508,25 @@ def test_make_push_fn(no_login, tmp_path, hub, reference):
     assert "| steps | 10 |" in hub.files(f"{USER}/run-7")["README.md"].decode()
 
 
+def test_ignore_patterns_and_a_card_written_before_the_repo_was_known(no_login, tmp_path, hub, reference):
+    """The training script's layout: checkpoints and logs beside the pipeline, a card without the repo id."""
+    folder = str(tmp_path / "run")
+    reference["pipe"].save_pretrained(folder)
+    os.makedirs(os.path.join(folder, "checkpoint-10"))
+    with open(os.path.join(folder, "checkpoint-10", "state.txt"), "w") as f:
+        f.write(f"optimizer state; and a careless copy of the token {TOKEN}\n")  # ignored, so it may hold anything
+    write_model_card(folder, {"steps": 10})
+    args = argparse.Namespace(push_to_hub=True, hub_model_id=f"{USER}/run", hub_token=TOKEN, hub_endpoint=hub.url)
+    push = make_push_fn(args, ignore_patterns=["checkpoint-*"], validate=True)
+    for step in (10, 20):  # twice: the ignore list must not grow or change between pushes
+        push(folder, f"Checkpoint: step {step}")
+        files = hub.files(f"{USER}/run")
+        assert not any(path.startswith("checkpoint-") for path in files)
+        card = files["README.md"].decode()
+        assert "| steps | 10 |" in card and f'MMFPipeline.from_pretrained("{USER}/run")' in card
+    assert hub.repos[f"{USER}/run"].messages[hub.repos[f"{USER}/run"].commits[-1]] == "Checkpoint: step 20"
+
+
 def test_cli_errors(no_login, tmp_path, capsys, reference):
     with pytest.raises(SystemExit) as exit_info:
         main([str(tmp_path / "missing"), f"{USER}/x"])

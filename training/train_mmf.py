@@ -396,24 +396,17 @@ def _test_kill(point: str, step: int) -> None:
 def _make_push_fn(args):
     """Hub: returns ``push_fn(folder, commit_message)``, a no-op unless --push_to_hub.
 
-    Hub: the hub engineer replaces the body below with mmf_diffusers.hub (repo creation, remote-code files, card).
+    Hub: mmf_diffusers.hub pushes the pipeline folder with diffusers' remote-code files and the model card, so the
+    repository loads with MMFPipeline.from_pretrained and with DiffusionPipeline.from_pretrained(...,
+    trust_remote_code=True). It asks the Hub about the token now, before any training. Checkpoints, temporary folders,
+    logs and per-step samples stay local.
     """
     if not args.push_to_hub:
         return lambda folder, commit_message: None
+    from mmf_diffusers.hub import make_push_fn
 
-    from huggingface_hub import create_repo, upload_folder
-
-    token = args.hub_token  # None: huggingface_hub resolves HF_TOKEN or the cached login itself
-    repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
-    state = {}
-
-    def push_fn(folder: str, commit_message: str) -> None:
-        if "repo_id" not in state:
-            state["repo_id"] = create_repo(repo_id, exist_ok=True, private=args.hub_private_repo, token=token).repo_id
-        upload_folder(repo_id=state["repo_id"], folder_path=folder, commit_message=commit_message, token=token,
-                      ignore_patterns=["checkpoint-*", ".tmp-*", ".trash-*", "logs/*", "samples/*"])
-
-    return push_fn
+    return make_push_fn(args, ignore_patterns=["checkpoint-*", ".tmp-*", ".trash-*", "logs/*", "samples/*"],
+                        validate=True)
 
 
 def _write_model_card(output_dir: str, args, extra: dict) -> None:

@@ -34,8 +34,9 @@ from diffusers import DiffusionPipeline
 from diffusers.pipelines.pipeline_loading_utils import LOADABLE_CLASSES
 from huggingface_hub import HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects  # upload_folder's own ignores
 
-from .model_card import is_mmf_card, write_model_card
+from .model_card import REPO_PLACEHOLDER, is_mmf_card, write_model_card
 from .pipeline_mmf import PACKAGE_LAYOUT_KEY, MMFPipeline
 
 PathLike = Union[str, os.PathLike]
@@ -165,6 +166,13 @@ def prepare_folder_for_hub(
         if repo_id and "/" in repo_id:
             info.setdefault("repo_id", repo_id)
         write_model_card(folder, info, secrets=secrets)
+    elif repo_id and "/" in repo_id:
+        # A card written before the repository was known (e.g. by the training script) loads "<user>/<repo>".
+        with open(readme, encoding="utf-8") as f:
+            text = f.read()
+        if REPO_PLACEHOLDER in text:
+            with open(readme, "w", encoding="utf-8") as f:
+                f.write(text.replace(REPO_PLACEHOLDER, repo_id))
 
 
 # ---------------------------------------------------------------------------------------------------- auth
@@ -179,32 +187,44 @@ def check_hub_auth(token: Optional[str] = None, *, endpoint: Optional[str] = Non
     if not token:
         raise ValueError(f"Pushing to the Hugging Face Hub needs a token and none was found: {AUTH_HELP}.")
     if validate:
+        api = HfApi(endpoint=endpoint)
         try:
-            HfApi(endpoint=endpoint).whoami(token=token)
+            api.whoami(token=token)
         except HfHubHTTPError as error:
             status = getattr(error.response, "status_code", None)
             raise ValueError(f"The Hub rejected the token (HTTP {status}): {AUTH_HELP}.") from None
+        except Exception as error:  # connection refused, DNS, timeout, ...: whatever the HTTP client raises
+            raise ValueError(f"Could not reach the Hub at {api.endpoint} to check the token: {error}") from None
     return token
 
 
-def _files_containing(folder: PathLike, needle: str, chunk_size: int = 1 << 20) -> List[str]:
-    """Files under ``folder`` whose bytes contain ``needle`` (read in chunks, so large weights cost no memory)."""
-    pattern = needle.encode()
-    found = []
+def _files_to_upload(folder: PathLike, ignore_patterns: Optional[List[str]]) -> List[str]:
+    """Paths (relative, ``/``-separated) that `upload_folder` would send, with the same default ignores."""
+    paths = []
     for root, _, files in os.walk(folder):
         for name in files:
-            path = os.path.join(root, name)
-            tail = b""
-            with open(path, "rb") as f:
-                while True:
-                    chunk = f.read(chunk_size)
-                    if not chunk:
-                        break
-                    if pattern in tail + chunk:
-                        found.append(os.path.relpath(path, folder))
-                        break
-                    tail = chunk[-(len(pattern) - 1) :] if len(pattern) > 1 else b""
-    return sorted(found)
+            paths.append(os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/"))
+    ignore = list(ignore_patterns or []) + DEFAULT_IGNORE_PATTERNS
+    return sorted(filter_repo_objects(paths, ignore_patterns=ignore))
+
+
+def _files_containing(folder: PathLike, paths: Iterable[str], needle: str, chunk_size: int = 1 << 20) -> List[str]:
+    """Those of ``paths`` whose bytes contain ``needle`` (read in chunks, so large weights cost no memory)."""
+    pattern = needle.encode()
+    overlap = len(pattern) - 1
+    found = []
+    for path in paths:
+        tail = b""
+        with open(os.path.join(folder, path), "rb") as f:
+            while True:
+                chunk = f.read(chunk_size)
+                if not chunk:
+                    break
+                if pattern in tail + chunk:
+                    found.append(path)
+                    break
+                tail = chunk[-overlap:] if overlap else b""
+    return found
 
 
 # ---------------------------------------------------------------------------------------------------- push
@@ -217,14 +237,16 @@ def push_pipeline_folder(
     commit_message: str = "Upload MMF pipeline",
     endpoint: Optional[str] = None,
     card_info: Optional[Dict[str, Any]] = None,
+    ignore_patterns: Optional[List[str]] = None,
 ) -> str:
     """Upload a saved MMF pipeline folder to the Hub repository ``repo_id``; returns the commit URL.
 
     The repository is created if needed (private when ``private``; an existing one keeps its visibility). The folder
     first gets the remote-code layout and a model card, in place (`prepare_folder_for_hub`), so the local folder and
     the repository both load with ``MMFPipeline.from_pretrained`` and with ``DiffusionPipeline.from_pretrained(...,
-    trust_remote_code=True)``. ``repo_id`` may omit the namespace (the token's user). The upload is refused if any file
-    contains the token. ``endpoint`` defaults to ``HF_ENDPOINT`` / huggingface.co.
+    trust_remote_code=True)``. ``repo_id`` may omit the namespace (the token's user). ``ignore_patterns`` (fnmatch,
+    relative to ``folder``) leaves files out, e.g. a training run's ``checkpoint-*``. The upload is refused if any file
+    to upload contains the token. ``endpoint`` defaults to ``HF_ENDPOINT`` / huggingface.co.
     """
     _read_model_index(folder)  # a clear error for a missing folder or one without a pipeline, before anything else
     token = check_hub_auth(token)
@@ -232,20 +254,28 @@ def push_pipeline_folder(
     if "/" not in repo_id:
         repo_id = f"{api.whoami()['name']}/{repo_id}"
     prepare_folder_for_hub(folder, repo_id=repo_id, card_info=card_info, secrets=[token])
-    leaked = _files_containing(folder, token)
+    leaked = _files_containing(folder, _files_to_upload(folder, ignore_patterns), token)
     if leaked:
         raise ValueError(f"Refusing to upload {folder}: the Hub token appears in {leaked}")
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)
+    commit = api.upload_folder(
+        repo_id=repo_id,
+        folder_path=str(folder),
+        commit_message=commit_message,
+        ignore_patterns=list(ignore_patterns or []),  # a copy: upload_folder appends its defaults to the list
+    )
     return commit.commit_url
 
 
-def make_push_fn(args: argparse.Namespace) -> Optional[Callable[..., str]]:
-    """For a training script: None without ``args.push_to_hub``, else ``push(folder, commit_message, card_info=None)``.
+def make_push_fn(
+    args: argparse.Namespace, *, ignore_patterns: Optional[List[str]] = None, validate: bool = False
+) -> Optional[Callable[..., str]]:
+    """For a training script: None without ``args.push_to_hub``, else ``push(folder, commit_message, card_info=None)``
+    returning the commit URL (see `push_pipeline_folder`; ``ignore_patterns`` applies to every push).
 
     Reads ``args.hub_model_id`` (default: the name of ``args.output_dir``, in the token's namespace),
     ``args.hub_token``, ``args.hub_private_repo`` and ``args.hub_endpoint`` when the script has them. Checks the token
-    at once (`check_hub_auth`), so call it before training starts.
+    at once (`check_hub_auth`; with ``validate=True`` the Hub is asked too), so call it before training starts.
     """
     if not getattr(args, "push_to_hub", False):
         return None
@@ -253,7 +283,7 @@ def make_push_fn(args: argparse.Namespace) -> Optional[Callable[..., str]]:
     if not repo_id:
         raise ValueError("--push_to_hub needs --hub_model_id (user/name)")
     endpoint = getattr(args, "hub_endpoint", None)
-    token = check_hub_auth(getattr(args, "hub_token", None), endpoint=endpoint)
+    token = check_hub_auth(getattr(args, "hub_token", None), endpoint=endpoint, validate=validate)
     private = bool(getattr(args, "hub_private_repo", False))
 
     def push(folder: PathLike, commit_message: str, card_info: Optional[Dict[str, Any]] = None) -> str:
@@ -265,6 +295,7 @@ def make_push_fn(args: argparse.Namespace) -> Optional[Callable[..., str]]:
             commit_message=commit_message,
             endpoint=endpoint,
             card_info=card_info,
+            ignore_patterns=ignore_patterns,
         )
 
     return push

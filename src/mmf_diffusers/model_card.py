@@ -36,6 +36,8 @@ INFO_KEYS = (
 )
 
 REDACTED = "***"
+#: What the loading snippets say when ``repo_id`` is unknown; `mmf_diffusers.hub` fills it in at push time.
+REPO_PLACEHOLDER = "<user>/<repo>"
 #: A command-line flag whose value is secret: ``--hub_token``, ``--token``, ``--api-key``, ``--password``, ...
 _SECRET_FLAG = re.compile(r"^--?[\w-]*(token|secret|password|passwd|api[_-]?key)[\w-]*$", re.IGNORECASE)
 
@@ -107,7 +109,7 @@ def model_card_text(info: Dict[str, Any], secrets: Iterable[Optional[str]] = ())
     if unknown:
         raise ValueError(f"Unknown model card fields {unknown}; the known ones are {list(INFO_KEYS)}")
     secrets = _known_secrets(secrets)
-    repo_id = info.get("repo_id") or "<user>/<repo>"
+    repo_id = info.get("repo_id") or REPO_PLACEHOLDER
 
     data = ModelCardData(
         library_name="diffusers", license=info.get("license"), tags=list(TAGS), pipeline_tag=PIPELINE_TAG
