@@ -143,6 +143,9 @@ def add_second_time_embedding(unet: UNet2DModel) -> UNet2DModel:
     if unet.config.class_embed_type is not None or unet.config.num_class_embeds is not None:
         raise ValueError("This UNet already uses its class-embedding slot for labels; it cannot carry a second time.")
     config = dict(unet.config)
+    # from_config drops every key listed in `_use_default_values` (those the original left at their defaults, which
+    # includes class_embed_type for a UNet built without it), so the override below would be lost.
+    config.pop("_use_default_values", None)
     config["class_embed_type"] = "timestep"
     new = UNet2DModel.from_config(config).to(dtype=unet.dtype, device=unet.device)
     missing, unexpected = new.load_state_dict(unet.state_dict(), strict=False)
