@@ -764,10 +764,14 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
             with accelerator.autocast():
                 out = loss_fn(model_fn, x, lam, t=t, r=r, noise=noise)
             accelerator.backward(out.loss / accum)
-            totals += torch.tensor([out.loss.item()] + [out.stats[k] for k in stat_names[1:]], dtype=torch.float64)
+            s = out.stats
+            # |du/dt| is weighted by the share of r != t rows so that averages over micro-batches and ranks are exact.
+            totals += torch.tensor([out.loss.item(), s["mse"], s["mean_abs_dudt"] * s["frac_r_neq_t"],
+                                    s["frac_r_neq_t"], s["mean_weight"]], dtype=torch.float64)
             state.micro_batch += 1
         stats = _average_gradients(accelerator, params, totals / accum)
         stats = dict(zip(stat_names, stats.tolist()))
+        stats["mean_abs_dudt"] = stats["mean_abs_dudt"] / stats["frac_r_neq_t"] if stats["frac_r_neq_t"] > 0 else 0.0
         if not math.isfinite(stats["loss"]):
             raise TrainingDiverged(_diverged_message("loss", stats["loss"], global_step + 1, lam, args))
         grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm if args.max_grad_norm > 0 else math.inf)

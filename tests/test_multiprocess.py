@@ -1,0 +1,48 @@
+"""Two CPU processes (accelerate launch, gloo) train exactly like one.
+
+train_mmf.py computes the loss with the unwrapped UNet (torch.func.jvp cannot go through DistributedDataParallel)
+and averages gradients itself with one all-reduce per optimiser step. These tests check, for both derivative
+estimators and with lam = 0 (steps 1-2) and lam = 0.5 (steps 3-4) in the same run:
+    * the parameters are bit-identical on both ranks after every step (--check_param_sync all-gathers a SHA-256
+      of the parameters after each step and stops the run if they differ);
+    * 2 processes x batch 4 follow 1 process x batch 8 (same data, same t, r and noise per image): the same losses
+      and final weights within float tolerance (the all-reduce sums in another order).
+
+Adam's epsilon is raised to 1e-4 here: some biases of the UNet feed straight into a GroupNorm, which removes them,
+so their exact gradient is zero and the computed one is float noise; with the default 1e-8, Adam turns that noise
+into full-size steps whose sign differs between any two summation orders, and the weights could not be compared.
+"""
+
+import pytest
+
+from test_training import TINY, accelerate_launch, check, load_unet_state, read_log, run_script
+
+ARGS = ["--dataset_name", "sklearn-digits", *TINY, "--max_train_steps", "4", "--checkpointing_steps", "100",
+        "--save_images_steps", "100", "--lam_schedule", "step", "--lam_start", "0", "--lam_end", "0.5",
+        "--lam_warmup_steps", "2", "--r_neq_t_fraction", "0.5", "--learning_rate", "1e-3", "--adam_epsilon", "1e-4", "--logger", "none"]
+
+
+@pytest.mark.parametrize("derivative, port", [("jvp", 29631), ("finite_difference", 29632)])
+def test_two_processes_stay_in_sync_and_match_one_process(tmp_path, derivative, port):
+    import torch
+
+    two, one = tmp_path / "two", tmp_path / "one"
+    result = run_script(tmp_path, ARGS + ["--derivative", derivative, "--train_batch_size", "4", "--output_dir", two,
+                                          "--check_param_sync"],
+                        launcher=accelerate_launch(2, port), timeout=400)
+    check(result)
+    assert '"num_processes": 2' in result.stdout
+    check(run_script(tmp_path, ARGS + ["--derivative", derivative, "--train_batch_size", "8", "--output_dir", one]))
+
+    log_two, log_one = read_log(two), read_log(one)
+    assert sorted(log_two) == sorted(log_one) == [1, 2, 3, 4]
+    assert [log_two[s]["lam"] for s in (1, 2, 3, 4)] == [0.0, 0.0, 0.5, 0.5]
+    for step in (1, 2, 3, 4):
+        assert log_two[step]["frac_r_neq_t"] == log_one[step]["frac_r_neq_t"]
+        for key in ("loss", "mse", "mean_abs_dudt", "grad_norm"):
+            # A finite difference with eps = 1e-3 multiplies float32 rounding differences of u by 1000.
+            rel = 1e-3 if key == "mean_abs_dudt" and derivative == "finite_difference" else 1e-4
+            assert log_two[step][key] == pytest.approx(log_one[step][key], rel=rel, abs=1e-6), (step, key)
+    a, b = load_unet_state(two), load_unet_state(one)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
