@@ -509,3 +509,15 @@ def test_docstring_example_uses_only_call_arguments():
     for call in calls:
         assert not call.args, "the example passes arguments by name"
         assert {keyword.arg for keyword in call.keywords} <= parameters
+
+
+def test_pipeline_rejects_fourier_time_features():
+    from diffusers import UNet2DModel
+
+    from mmf_diffusers import MMFPipeline, MMFScheduler
+
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4, time_embedding_type="fourier", class_embed_type="timestep")
+    with pytest.raises(ValueError, match="positional"):
+        MMFPipeline(unet, MMFScheduler())

@@ -154,6 +154,11 @@ class MMFPipeline(DiffusionPipeline):
                 f"(got class_embed_type={getattr(unet.config, 'class_embed_type', None)!r}); "
                 "see mmf_diffusers.build_mmf_unet."
             )
+        if getattr(unet.config, "time_embedding_type", "positional") != "positional":
+            raise ValueError(
+                f"time_embedding_type={unet.config.time_embedding_type!r} is not supported: MMF needs 'positional' "
+                "(Fourier features take log(t) and fail at t = 0 or h = 0)."
+            )
         install_class_embedding_cast(unet)
         self.register_modules(unet=unet, scheduler=scheduler)
         self.register_to_config(time_scale=float(time_scale), second_time=second_time)
