@@ -138,6 +138,13 @@ def test_unknown_image_column(tmp_path):
         data_lib.load_source(train_data_dir=str(folder), image_column="pixels", cache_dir=str(tmp_path / "cache"))
 
 
+def test_dataset_name_accepts_a_local_dataset_folder(tmp_path):
+    # The --dataset_name branch (datasets.load_dataset(name)) with the image column found by its feature.
+    folder = write_folder(tmp_path / "images", corrupt=0)
+    source = data_lib.load_source(dataset_name=str(folder), cache_dir=str(tmp_path / "cache"))
+    assert source.column == "image" and len(source) == 5
+
+
 def test_sklearn_digits_offline():
     source = data_lib.load_source(dataset_name="sklearn-digits")
     assert len(source) == 1797

@@ -109,7 +109,7 @@ def test_accelerate_launch_end_to_end(tmp_path):
     token = "hf_secretTestToken123"
     result = run_script(tmp_path, ["--train_data_dir", data, "--output_dir", out, *TINY, "--train_batch_size", "4",
                                    "--max_train_steps", "4", "--checkpointing_steps", "2", "--checkpoints_total_limit",
-                                   "1", "--use_ema", "--random_flip", "--hub_token", token],
+                                   "1", "--use_ema", "--random_flip", "--hub_token", token, "--dataloader_num_workers", "1"],
                         launcher=accelerate_launch(1, 0))
     check(result)
     assert "Skipping 1 unreadable image" in result.stdout + result.stderr
@@ -149,11 +149,35 @@ def test_accelerate_launch_end_to_end(tmp_path):
     assert any(not torch.equal(saved[k], trained[k]) for k in saved)
 
 
+def test_warm_start_from_an_ordinary_one_time_unet(tmp_path):
+    """--pretrained_unet: a stock diffusion UNet2DModel (no second time) gains the zero-initialised second-time
+    embedding and trains; the result loads as an MMF pipeline."""
+    import torch
+    from diffusers import UNet2DModel
+
+    from mmf_diffusers import MMFPipeline
+
+    torch.manual_seed(0)
+    UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), norm_num_groups=8,
+                down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                layers_per_block=1).save_pretrained(tmp_path / "ddpm" / "unet")
+    out = tmp_path / "run"
+    result = run_script(tmp_path, ["--dataset_name", "sklearn-digits", "--pretrained_unet", tmp_path / "ddpm",
+                                   "--pretrained_unet_subfolder", "unet", *TINY, "--train_batch_size", "8",
+                                   "--max_train_steps", "2", "--checkpointing_steps", "100", "--logger", "none",
+                                   "--output_dir", out])
+    check(result)
+    assert json.loads((out / "unet" / "config.json").read_text())["class_embed_type"] == "timestep"
+    images = MMFPipeline.from_pretrained(str(out))(num_images=1, output_type="np").images
+    assert images.shape == (1, 8, 8, 1)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # crash-safe checkpoints and exact resume
 
 
-RESUME_ARGS = ["--dataset_name", "sklearn-digits", *TINY, "--train_batch_size", "8", "--max_train_steps", "8",
+RESUME_ARGS = ["--dataset_name", "sklearn-digits", *TINY, "--train_batch_size", "4", "--gradient_accumulation_steps",
+               "2", "--max_train_steps", "8",
                "--checkpointing_steps", "3", "--save_images_steps", "100", "--use_ema", "--random_flip",
                "--lam_schedule", "linear", "--lam_warmup_steps", "5", "--r_neq_t_fraction", "0.5",
                "--learning_rate", "1e-3", "--logger", "none"]
@@ -242,6 +266,7 @@ def parse_error(capsys, argv) -> str:
     (["--block_out_channels", "8", "12"], "not divisible by --norm_num_groups"),
     (["--attention_levels", "1"], "one 0/1 per level"),
     (["--resume_from_checkpoint", "/no/such/checkpoint"], "is not a folder"),
+    (["--mixed_precision", "bf16"], "use --derivative finite_difference"),
 ])
 def test_bad_numbers_and_names(capsys, extra, message):
     assert message in parse_error(capsys, ["--dataset_name", "sklearn-digits", *extra])

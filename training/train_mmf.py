@@ -200,8 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ema_inv_gamma", type=_finite_float, default=1.0, help="EMA warmup inverse gamma.")
     g.add_argument("--ema_power", type=_finite_float, default=3 / 4, help="EMA warmup power.")
     g.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default="no",
-                   help="Autocast precision (weights stay float32). jvp under reduced precision is untested; "
-                   "--derivative finite_difference is the safer choice there.")
+                   help="Autocast precision (weights stay float32). Needs --derivative finite_difference: "
+                   "torch.func.jvp through autocast fails in torch 2.13.")
 
     g = parser.add_argument_group("checkpoints, samples, logging")
     g.add_argument("--checkpointing_steps", type=int, default=500,
@@ -264,6 +264,10 @@ def validate_args(args: argparse.Namespace) -> None:
         need(getattr(args, name) >= 0, f"--{name} must be >= 0, got {getattr(args, name)}")
     for name in ("adam_beta1", "adam_beta2"):
         need(0.0 <= getattr(args, name) < 1.0, f"--{name} must be in [0, 1), got {getattr(args, name)}")
+    need(args.mixed_precision == "no" or args.derivative != "jvp",
+         f"--mixed_precision {args.mixed_precision} with --derivative jvp fails (torch 2.13 on CPU: under torch.func.jvp, "
+         "autocast leaves a convolution with a float32 input and low-precision weights); use --derivative "
+         "finite_difference")
     need(0.0 <= args.ema_max_decay <= 1.0, f"--ema_max_decay must be in [0, 1], got {args.ema_max_decay}")
 
     if args.pretrained_unet is None:
