@@ -60,6 +60,7 @@ if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
 from data import OFFLINE_DATASETS, DataError, check_data_source  # noqa: E402  (numpy + PIL only)
+import trajectory_modality  # noqa: E402  (--modality trajectory; argparse only at import)
 
 LAM_SCHEDULES = ("constant", "linear", "cosine", "sqrt", "step")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
@@ -230,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hub_token", type=str, default=None,
                    help="Hub token (default: HF_TOKEN or the cached login). Never printed or saved.")
     g.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repository as private.")
+    trajectory_modality.add_arguments(parser)
     return parser
 
 
@@ -239,7 +241,10 @@ def validate_args(args: argparse.Namespace) -> None:
         if not condition:
             raise ValueError(message)
 
-    check_data_source(args.dataset_name, args.train_data_dir)
+    if args.modality == "trajectory":
+        trajectory_modality.validate(args, need)
+    else:
+        check_data_source(args.dataset_name, args.train_data_dir)
     for name in ("train_batch_size", "num_epochs", "gradient_accumulation_steps", "checkpointing_steps",
                  "num_sample_images", "resolution", "layers_per_block", "norm_num_groups", "attention_head_dim"):
         need(getattr(args, name) >= 1, f"--{name} must be a positive integer, got {getattr(args, name)}")
@@ -270,7 +275,9 @@ def validate_args(args: argparse.Namespace) -> None:
          "finite_difference")
     need(0.0 <= args.ema_max_decay <= 1.0, f"--ema_max_decay must be in [0, 1], got {args.ema_max_decay}")
 
-    if args.pretrained_unet is None:
+    if args.modality == "trajectory":
+        pass  # checked by trajectory_modality.validate
+    elif args.pretrained_unet is None:
         levels = len(args.block_out_channels)
         need(all(c >= 1 for c in args.block_out_channels), "--block_out_channels must be positive integers")
         bad = [c for c in args.block_out_channels if c % args.norm_num_groups]
@@ -423,10 +430,13 @@ def _write_model_card(output_dir: str, args, extra: dict) -> None:
         "steps": extra.get("steps"),
         "curriculum": extra.get("curriculum"),
         "loss": extra.get("loss"),
-        "dataset": args.dataset_name or os.path.basename(os.path.abspath(args.train_data_dir)),
+        "dataset": args.dataset_name or os.path.basename(os.path.abspath(args.train_data_dir or ".")),
         "wall_time_s": extra.get("wall_time_s"),
         "sample_grid": extra.get("sample_grid"),
     }
+    if extra.get("modality") is not None:  # --modality trajectory writes its own card
+        extra["modality"].write_model_card(output_dir, info, secrets=[args.hub_token])
+        return
     try:
         from mmf_diffusers.model_card import write_model_card
     except ImportError:
@@ -538,16 +548,25 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
     # 3. data: every image decoded once; unreadable ones skipped
     import data as data_lib
 
-    with accelerator.main_process_first():
-        source = data_lib.load_source(args.dataset_name, args.train_data_dir, args.dataset_config_name,
-                                      args.image_column, args.cache_dir)
-        valid, inferred_channels = data_lib.scan_images(source, log=log)
-    num_channels = args.num_channels or inferred_channels
-    dataset = data_lib.ImageDataset(source, valid, args.resolution, num_channels, center_crop=args.center_crop,
-                                    random_flip=args.random_flip, seed=args.seed)
+    modality = None
+    if args.modality == "trajectory":
+        try:
+            modality = trajectory_modality.TrajectoryModality(args, log)
+        except ValueError as error:
+            raise ConfigError(str(error))
+        dataset, num_channels, source_name = modality.dataset, modality.channels, modality.name
+    else:
+        with accelerator.main_process_first():
+            source = data_lib.load_source(args.dataset_name, args.train_data_dir, args.dataset_config_name,
+                                          args.image_column, args.cache_dir)
+            valid, inferred_channels = data_lib.scan_images(source, log=log)
+        num_channels = args.num_channels or inferred_channels
+        dataset = data_lib.ImageDataset(source, valid, args.resolution, num_channels, center_crop=args.center_crop,
+                                        random_flip=args.random_flip, seed=args.seed)
+        source_name = source.name
     global_batch = args.train_batch_size * accelerator.num_processes
     if len(dataset) < global_batch:
-        raise ConfigError(f"{source.name} has {len(dataset)} usable images, fewer than one global batch of "
+        raise ConfigError(f"{source_name} has {len(dataset)} usable items, fewer than one global batch of "
                           f"{global_batch} (--train_batch_size {args.train_batch_size} x {accelerator.num_processes} "
                           "processes).")
     batches_per_epoch = len(dataset) // global_batch
@@ -572,7 +591,9 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
 
     if args.time_scale is None:
         args.time_scale = DEFAULT_TIME_SCALE
-    if args.pretrained_unet:
+    if modality is not None:
+        unet = modality.build_unet()
+    elif args.pretrained_unet:
         try:
             unet = UNet2DModel.from_pretrained(args.pretrained_unet, subfolder=args.pretrained_unet_subfolder)
         except (OSError, ValueError) as error:
@@ -599,7 +620,7 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
     ema = None
     if args.use_ema:
         ema = EMAModel(unet.parameters(), decay=args.ema_max_decay, use_ema_warmup=True, inv_gamma=args.ema_inv_gamma,
-                       power=args.ema_power, model_cls=UNet2DModel, model_config=unet.config)
+                       power=args.ema_power, model_cls=type(unet), model_config=unet.config)
 
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
@@ -617,7 +638,7 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
     model, optimizer = accelerator.prepare(unet, optimizer)
     # The unwrapped UNet does the work (torch.func.jvp cannot go through DDP); gradients are averaged by hand below.
     inner = accelerator.unwrap_model(model)
-    model_fn = unet_model_fn(inner, args.time_scale, args.second_time)
+    model_fn = modality.model_fn(inner) if modality else unet_model_fn(inner, args.time_scale, args.second_time)
     params = [p for p in inner.parameters() if p.requires_grad]
     accelerator.register_for_checkpointing(schedule, lr_scheduler, state)
     if ema is not None:
@@ -670,9 +691,11 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
     batches = iter(loader)
     rank_rows = slice(accelerator.process_index * args.train_batch_size,
                       (accelerator.process_index + 1) * args.train_batch_size)
-    sample_shape = (num_channels, args.resolution, args.resolution)
+    sample_shape = modality.sample_shape if modality else (num_channels, args.resolution, args.resolution)
 
     def make_pipeline():
+        if modality is not None:
+            return modality.make_pipeline(inner)
         return MMFPipeline(unet=inner, scheduler=MMFScheduler(), time_scale=args.time_scale,
                            second_time=args.second_time)
 
@@ -693,6 +716,11 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
             inner.eval()
             paths = {}
             for steps in (1, 2):
+                if modality is not None:
+                    path = os.path.join(args.output_dir, "samples", f"step-{step:06d}-{steps}step.png")
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    paths[steps] = modality.save_samples(pipeline, path, steps, args.seed)
+                    continue
                 generator = torch.Generator().manual_seed(args.seed)
                 images = pipeline(num_images=args.num_sample_images, num_inference_steps=steps, generator=generator,
                                   output_type="np").images
@@ -721,7 +749,8 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
             "curriculum": schedule.config(),
             "loss": {"derivative": args.derivative, "tangent": args.tangent, "time": repr(time_sampler),
                      "adaptive_p": args.adaptive_p, "time_scale": args.time_scale, "second_time": args.second_time},
-            "wall_time_s": wall_time, "sample_grid": "sample_grid.png"})
+            "wall_time_s": wall_time, "sample_grid": "sample_grid.png",
+            "modality": modality})
         with open(os.path.join(args.output_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, sort_keys=True)
         # Hub: the pipeline folder is pushed here, at every checkpoint and at the end.
@@ -765,6 +794,8 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
             noise = torch.randn((global_batch, *sample_shape), generator=loss_generator)
             t, r = t[rank_rows].to(x.device), r[rank_rows].to(x.device)
             noise = noise[rank_rows].to(device=x.device, dtype=x.dtype)
+            if modality is not None:
+                noise = modality.prepare_noise(x, noise)  # known entries and the mask channel stay at their data
             with accelerator.autocast():
                 out = loss_fn(model_fn, x, lam, t=t, r=r, noise=noise)
             accelerator.backward(out.loss / accum)

@@ -13,6 +13,7 @@ from .curriculum import LambdaSchedule
 from .derivatives import finite_difference_derivative, jvp_derivative
 from .loss import MMFLossOutput, ModularMeanFlowLoss, TimeSampler, sg_lambda
 from .pipeline_mmf import MMFPipeline, unet_average_velocity
+from .pipeline_mmf_trajectory import MMFTrajectoryPipeline, TrajectoryPipelineOutput, trajectory_average_velocity
 from .scheduling_mmf import MMFScheduler, MMFSchedulerOutput
 from .unet import (
     ForwardADAttnProcessor,
@@ -22,6 +23,7 @@ from .unet import (
     prepare_unet_for_mmf,
     unet_model_fn,
 )
+from .unet1d import build_mmf_unet1d, trajectory_model_fn
 
 __version__ = "0.1.0"
 
@@ -32,15 +34,20 @@ __all__ = [
     "MMFPipeline",
     "MMFScheduler",
     "MMFSchedulerOutput",
+    "MMFTrajectoryPipeline",
     "ModularMeanFlowLoss",
     "TimeSampler",
+    "TrajectoryPipelineOutput",
     "add_second_time_embedding",
     "build_mmf_unet",
+    "build_mmf_unet1d",
     "enable_forward_ad",
     "finite_difference_derivative",
     "jvp_derivative",
     "prepare_unet_for_mmf",
     "sg_lambda",
+    "trajectory_average_velocity",
+    "trajectory_model_fn",
     "unet_average_velocity",
     "unet_model_fn",
 ]
