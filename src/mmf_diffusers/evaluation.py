@@ -23,7 +23,8 @@ Metrics (lower is better for all; each named for what it is):
   classifier shipped with this package (`mmf_diffusers.mnist_classifier`, images mapped to 28x28 by
   `to_classifier_input`). Cheap (about 5k images/s), meaningful only for digits; not comparable to FID.
 * ``mmd-pixels``: unbiased MMD^2 with a Gaussian kernel on flattened pixels in ``[-1, 1]``, bandwidth = the median
-  pairwise distance of the reference images (`metrics.mmd_rbf`).
+  pairwise distance of the first 2000 reference images (`metrics.mmd_rbf`). Memory grows as (samples + reference
+  images)^2: keep ``--reference-size`` to a few thousand.
 * ``swd-pixels``: sliced Wasserstein-2 on flattened pixels (`metrics.sliced_wasserstein`, 256 directions, seed 0);
   needs as many reference images as samples.
 * ``digit-classes``: not a distance: the classifier's predicted-class histogram of the samples, reported as its
@@ -249,28 +250,24 @@ def reference_images(reference: str, num_images: Optional[int] = None, size: Opt
 
 def reference_statistics(features, reference: str, num_images: Optional[int], size: int,
                          cache_dir: Optional[str] = None, log=print):
-    """``(mu, sigma)`` of ``features`` on a reference set, read from or written to
-    ``{cache_dir}/{features.name}-{fingerprint}_{reference}_n{N}_{size}px.npz``."""
+    """``(mu, sigma)`` of ``features`` on the first ``num_images`` images of a reference set (None: all), read from or
+    written to ``{cache_dir}/{features.name}-{fingerprint}_{reference}_n{num_images or "all"}_{size}px.npz``."""
     from .metrics import gaussian_statistics
 
-    images = None
-    if num_images is None:
-        images = reference_images(reference, None, size)
-        num_images = len(images)
     cache_dir = cache_dir or default_cache_dir()
-    path = os.path.join(cache_dir, f"{features.name}-{features.fingerprint}_{reference}_n{num_images}_{size}px.npz")
+    count = "all" if num_images is None else str(num_images)
+    path = os.path.join(cache_dir, f"{features.name}-{features.fingerprint}_{reference}_n{count}_{size}px.npz")
     if os.path.isfile(path):
         with np.load(path) as stats:
             return stats["mu"], stats["sigma"]
-    if images is None:
-        images = reference_images(reference, num_images, size)
+    images = reference_images(reference, num_images, size)
     start = time.time()
     mu, sigma = gaussian_statistics(features(images))
     os.makedirs(cache_dir, exist_ok=True)
     tmp = path + f".tmp{os.getpid()}.npz"
     np.savez(tmp, mu=mu, sigma=sigma)
     os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
-    log(f"reference statistics of {reference} ({num_images} images, {size}px, {features.name}) computed in "
+    log(f"reference statistics of {reference} ({len(images)} images, {size}px, {features.name}) computed in "
         f"{time.time() - start:.1f} s and cached in {path}")
     return mu, sigma
 
@@ -293,6 +290,7 @@ class Evaluator:
         self._device = device
         self._stats: Dict[str, tuple] = {}
         self._pixels = None
+        self._bandwidth: Optional[float] = None
 
     def _network(self, metric: str):
         kind = "inception" if metric == "fid" else "mnistcnn"
@@ -307,7 +305,8 @@ class Evaluator:
         return self._pixels
 
     def score(self, images) -> Dict[str, object]:
-        from .metrics import frechet_distance, gaussian_statistics, mmd_rbf, sliced_wasserstein
+        from .metrics import (frechet_distance, gaussian_statistics, mmd_rbf, rbf_median_bandwidth,
+                              sliced_wasserstein)
 
         results: Dict[str, object] = {}
         for metric in self.metrics:
@@ -320,7 +319,10 @@ class Evaluator:
                 mu, sigma = gaussian_statistics(network(images))
                 value: object = frechet_distance(mu, sigma, *self._stats[metric])
             elif metric == "mmd-pixels":
-                value = mmd_rbf(quantize_to_uint8(images) / 127.5 - 1, self._reference_pixels())
+                reference = self._reference_pixels()
+                if self._bandwidth is None:
+                    self._bandwidth = rbf_median_bandwidth(reference[:2000])
+                value = mmd_rbf(quantize_to_uint8(images) / 127.5 - 1, reference, bandwidth=self._bandwidth)
             elif metric == "swd-pixels":
                 import torch
 
