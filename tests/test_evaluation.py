@@ -184,12 +184,12 @@ def test_fd_mnistcnn_halves_and_cache(tmp_path):
     assert halves < 0.05 * far, (halves, far)
     messages = []
     mu, sigma = evaluation.reference_statistics(features, "sklearn-digits", 800, 8, str(tmp_path), messages.append)
-    assert len(messages) == 1 and len(list(tmp_path.glob("mnistcnn-*_sklearn-digits_n800_8px.npz"))) == 1
+    assert len(messages) == 2 and len(list(tmp_path.glob("mnistcnn-*_sklearn-digits_n800_8px.npz"))) == 1
     np.testing.assert_allclose(mu, first[0])
     again = evaluation.reference_statistics(features, "sklearn-digits", 800, 8, str(tmp_path), messages.append)
-    assert len(messages) == 1 and np.array_equal(again[1], sigma)
+    assert len(messages) == 2 and np.array_equal(again[1], sigma)
     evaluation.reference_statistics(features, "sklearn-digits", None, 8, str(tmp_path), messages.append)
-    assert len(messages) == 2 and len(list(tmp_path.glob("mnistcnn-*_sklearn-digits_nall_8px.npz"))) == 1
+    assert len(messages) == 4 and len(list(tmp_path.glob("mnistcnn-*_sklearn-digits_nall_8px.npz"))) == 1
 
 
 @needs_inception

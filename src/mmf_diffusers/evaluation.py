@@ -261,6 +261,7 @@ def reference_statistics(features, reference: str, num_images: Optional[int], si
         with np.load(path) as stats:
             return stats["mu"], stats["sigma"]
     images = reference_images(reference, num_images, size)
+    log(f"computing reference statistics of {reference} ({len(images)} images, {size}px, {features.name}) once ...")
     start = time.time()
     mu, sigma = gaussian_statistics(features(images))
     os.makedirs(cache_dir, exist_ok=True)
@@ -374,7 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--reference", choices=REFERENCE_SETS, default="mnist-test",
                         help="reference images (default mnist-test)")
     parser.add_argument("--reference-size", type=_positive_int, default=None,
-                        help="use the first N reference images (default: all)")
+                        help="use the first N reference images (default: all). Their FID statistics cost about "
+                             "0.25 s per image once (all 10k of mnist-test: ~40 min on one CPU core), then are cached")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise, the same for every step count")
     parser.add_argument("--batch-size", type=_positive_int, default=250, help="images per pipeline call (default 250)")
     parser.add_argument("--output", default="evaluation.json",
