@@ -1,14 +1,16 @@
-"""Tests for Hub sharing (`mmf_diffusers.hub`, `mmf_diffusers.model_card`, `MMFPipeline.from_pretrained(repo_id)`).
+"""Tests for Hub sharing (`mmf_diffusers.hub`, `mmf_diffusers.model_card`, `MMFPipeline.from_pretrained(repo_id)` and
+`MMFTrajectoryPipeline.from_pretrained(repo_id)`).
 
 Everything runs against `hub_server.HubServer`, a Hub look-alike on 127.0.0.1 driven by the real huggingface_hub client,
-with tiny CPU pipelines (`build_mmf_unet(sample_size=8, block_out_channels=(8, 16), norm_num_groups=4)`). Loading by
-repo id happens in subprocesses that get ``HF_ENDPOINT`` before huggingface_hub is imported (it is read at import),
-with their own ``HF_HOME`` / ``HF_HUB_CACHE`` in a temporary folder. One of them cannot import mmf_diffusers at all, and
-loads with ``DiffusionPipeline.from_pretrained(..., trust_remote_code=True)`` alone.
+with tiny CPU pipelines (`build_mmf_unet(sample_size=8, block_out_channels=(8, 16), norm_num_groups=4)`, and
+`build_mmf_unet1d(2, 16, block_out_channels=(8, 16))` for trajectories). Loading by repo id happens in subprocesses
+that get ``HF_ENDPOINT`` before huggingface_hub is imported (it is read at import), with their own ``HF_HOME`` /
+``HF_HUB_CACHE`` in a temporary folder. One of them cannot import mmf_diffusers at all, and loads with
+``DiffusionPipeline.from_pretrained(..., trust_remote_code=True)`` alone.
 
-Images are compared bit for bit (``np.array_equal``) against the original pipeline with the seeded generator. The
-original's attention uses diffusers' default processor, the one a loaded UNet gets (`build_mmf_unet` installs a
-forward-AD-safe math-backend processor for training, which differs in the last float bit).
+Images and trajectories are compared bit for bit (``np.array_equal``) against the original pipeline with the seeded
+generator. The original's attention uses diffusers' default processor, the one a loaded UNet gets (`build_mmf_unet`
+installs a forward-AD-safe math-backend processor for training, which differs in the last float bit).
 
 The test token is random per run; every file pushed or written, all captured output and every log record are
 searched for it.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import io
 import json
 import logging
@@ -26,6 +29,7 @@ import secrets
 import subprocess
 import sys
 import textwrap
+import types
 
 import numpy as np
 import pytest
@@ -35,7 +39,7 @@ from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.errors import RepositoryNotFoundError
 
 import mmf_diffusers
-from mmf_diffusers import MMFPipeline, MMFScheduler, build_mmf_unet
+from mmf_diffusers import MMFPipeline, MMFScheduler, MMFTrajectoryPipeline, build_mmf_unet, build_mmf_unet1d
 from mmf_diffusers.hub import (
     add_remote_code,
     check_hub_auth,
@@ -53,6 +57,11 @@ TOKEN = "hf_test" + secrets.token_hex(16)
 USER = "tester"
 PRIVATE_REPO = f"{USER}/mmf-tiny"  # pushed with push_pipeline_folder(private=True)
 PUSH_TO_HUB_REPO = f"{USER}/mmf-tiny-push-to-hub"  # pushed with MMFPipeline.push_to_hub in a subprocess
+TRAJECTORY_REPOS = {  # how each was pushed -> repo id
+    "push_pipeline_folder": f"{USER}/mmf-pendulum-tiny",
+    "mmf-push": f"{USER}/mmf-pendulum-tiny-cli",
+    "push_to_hub": f"{USER}/mmf-pendulum-tiny-push-to-hub",
+}
 SRC = os.path.dirname(os.path.dirname(os.path.abspath(mmf_diffusers.__file__)))
 SUBPROCESS_TIMEOUT = 240
 
@@ -380,6 +389,213 @@ def test_diffusers_scheduler_needs_no_remote_code(tmp_path):
     assert index["scheduler"] == ["diffusers", "FlowMapEulerDiscreteScheduler"]
     assert not os.path.exists(os.path.join(folder, "scheduler", "scheduling_mmf.py"))
     assert type(MMFPipeline.from_pretrained(folder).scheduler) is FlowMapEulerDiscreteScheduler
+
+
+# ---------------------------------------------------------------------------------------------------- trajectories
+def tiny_trajectory_pipeline(seed: int = 0) -> MMFTrajectoryPipeline:
+    torch.manual_seed(seed)
+    pipe = MMFTrajectoryPipeline(build_mmf_unet1d(2, 16, block_out_channels=(8, 16)).eval(), MMFScheduler(),
+                                 channel_mean=[0.1, -0.2], channel_std=[0.5, 2.0], channel_names=["theta", "omega"],
+                                 dt=0.05, system="pendulum")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def trajectory_samples(pipe):
+    """Unconditional (1 and 2 steps) and from start states, seeded; the loading subprocesses run this same code."""
+    pipe.set_progress_bar_config(disable=True)
+    start = torch.tensor([[0.3, -1.1], [1.7, 0.25]])
+    return np.stack([
+        pipe(num_samples=2, generator=torch.Generator().manual_seed(0)).trajectories,
+        pipe(num_samples=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0)).trajectories,
+        pipe(start_state=start, generator=torch.Generator().manual_seed(0)).trajectories,
+    ])
+
+
+TRAJECTORY_SAMPLES = inspect.getsource(trajectory_samples)
+
+
+@pytest.fixture(scope="module")
+def pushed_trajectories(hub, tmp_path_factory):
+    """A tiny trajectory pipeline pushed three ways (push_pipeline_folder with a card and plot, mmf-push, push_to_hub),
+    then loaded from all three repositories in two subprocesses, one without mmf_diffusers."""
+    work = str(tmp_path_factory.mktemp("hub_trajectory"))
+    pipe = tiny_trajectory_pipeline()
+    reference = trajectory_samples(pipe)
+    folder, cli_folder = os.path.join(work, "pipeline"), os.path.join(work, "pipeline_cli")
+    pipe.save_pretrained(folder)
+    pipe.save_pretrained(cli_folder)
+    from PIL import Image
+
+    Image.new("RGB", (32, 16), "white").save(os.path.join(folder, "sample_grid.png"))  # stands in for the plot
+    with captured_everything() as texts:
+        push_pipeline_folder(folder, TRAJECTORY_REPOS["push_pipeline_folder"], token=TOKEN, endpoint=hub.url,
+                             card_info={"steps": 3, "sample_grid": "sample_grid.png"})
+        assert main([cli_folder, TRAJECTORY_REPOS["mmf-push"], "--token", TOKEN, "--endpoint", hub.url]) == 0
+    repos = dict(TRAJECTORY_REPOS)
+    with_package = run_script(
+        TRAJECTORY_SAMPLES
+        + textwrap.dedent(f"""
+        import json
+        import numpy as np
+        import torch
+        from mmf_diffusers import MMFTrajectoryPipeline
+        from mmf_diffusers.hub import load_pipeline
+
+        MMFTrajectoryPipeline.from_pretrained({folder!r}).push_to_hub({repos["push_to_hub"]!r}, token={TOKEN!r})
+        report = {{}}
+        for name, repo in {repos!r}.items():
+            pipe = MMFTrajectoryPipeline.from_pretrained(repo)
+            np.save(name + "_package.npy", trajectory_samples(pipe))
+            report[name] = [type(pipe).__module__, type(pipe.scheduler).__module__]
+        pipe = load_pipeline({repos["mmf-push"]!r})
+        np.save("load_pipeline.npy", trajectory_samples(pipe))
+        report["load_pipeline"] = type(pipe).__name__
+        json.dump(report, open("package_report.json", "w"))
+        """),
+        hub_env(hub, work),
+        work,
+    )
+    repos["local"] = folder
+    without_package = run_script(
+        TRAJECTORY_SAMPLES
+        + textwrap.dedent(f"""
+        import importlib.abc, sys
+
+        class BlockMMF(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "mmf_diffusers":
+                    raise ModuleNotFoundError("No module named 'mmf_diffusers' (blocked by the test)")
+
+        sys.meta_path.insert(0, BlockMMF())
+        import json
+        import numpy as np
+        import torch
+        from diffusers import DiffusionPipeline
+
+        report = {{}}
+        for name, repo in {repos!r}.items():
+            pipe = DiffusionPipeline.from_pretrained(repo, trust_remote_code=True)
+            np.save(name + "_remote_code.npy", trajectory_samples(pipe))
+            report[name] = [type(pipe).__module__, type(pipe).__name__, type(pipe.scheduler).__module__]
+        report["mmf_diffusers_imported"] = any(m.split(".")[0] == "mmf_diffusers" for m in sys.modules)
+        json.dump(report, open("remote_code_report.json", "w"))
+        """),
+        hub_env(hub, work, pythonpath=None),
+        work,
+    )
+    return {"work": work, "folder": folder, "reference": reference, "texts": texts,
+            "loaders": [with_package, without_package]}
+
+
+def trajectory_report(pushed_trajectories, name):
+    with open(os.path.join(pushed_trajectories["work"], name)) as f:
+        return json.load(f)
+
+
+def test_trajectory_repos_load_with_mmf_trajectory_pipeline_and_give_the_same_samples(pushed_trajectories):
+    report = trajectory_report(pushed_trajectories, "package_report.json")
+    for name in TRAJECTORY_REPOS:
+        assert report[name] == ["mmf_diffusers.pipeline_mmf_trajectory", "mmf_diffusers.scheduling_mmf"], name
+        assert np.array_equal(load_npy(pushed_trajectories, f"{name}_package"), pushed_trajectories["reference"]), name
+    assert report["load_pipeline"] == "MMFTrajectoryPipeline"
+    assert np.array_equal(load_npy(pushed_trajectories, "load_pipeline"), pushed_trajectories["reference"])
+
+
+def test_trajectory_repos_load_with_diffusers_alone_and_give_the_same_samples(pushed_trajectories):
+    report = trajectory_report(pushed_trajectories, "remote_code_report.json")
+    assert report["mmf_diffusers_imported"] is False
+    for name in [*TRAJECTORY_REPOS, "local"]:
+        pipeline_module, pipeline_class, scheduler_module = report[name]
+        assert pipeline_module.startswith("diffusers_modules.") and pipeline_module.endswith(".pipeline"), name
+        assert pipeline_class == "MMFTrajectoryPipeline", name
+        assert scheduler_module.endswith(".scheduling_mmf"), name
+        reference = pushed_trajectories["reference"]
+        assert np.array_equal(load_npy(pushed_trajectories, f"{name}_remote_code"), reference), name
+    assert "might require the following packages" not in pushed_trajectories["loaders"][1].stderr
+
+
+def test_trajectory_repository_layout_and_card(pushed_trajectories, hub):
+    with open(mmf_diffusers.pipeline_mmf_trajectory.__file__, "rb") as f:
+        pipeline_source = f.read()
+    for how, repo_id in TRAJECTORY_REPOS.items():
+        files = hub.files(repo_id)
+        assert files["pipeline.py"] == pipeline_source, how
+        assert "scheduler/scheduling_mmf.py" in files and "unet/diffusion_pytorch_model.safetensors" in files, how
+        index = json.loads(files["model_index.json"])
+        assert index["_class_name"] == ["pipeline", "MMFTrajectoryPipeline"], how
+        assert index["unet"] == ["diffusers", "UNet1DModel"], how
+        assert index["scheduler"] == ["scheduling_mmf", "MMFScheduler"], how
+        assert index[PACKAGE_LAYOUT_KEY] == {
+            "_class_name": "MMFTrajectoryPipeline",
+            "scheduler": ["mmf_diffusers.scheduling_mmf", "MMFScheduler"],
+        }
+        # Configuration values are left alone, also a 2-list (diffusers would take a list of strings for a module).
+        assert index["channel_names"] == "theta,omega" and index["channel_mean"] == [0.1, -0.2], how
+        card = ModelCard(files["README.md"].decode())
+        assert card.data.pipeline_tag == "time-series-forecasting", how
+        assert {"mmf", "time-series", "trajectory-generation"} <= set(card.data.tags), how
+        assert f'MMFTrajectoryPipeline.from_pretrained("{repo_id}")' in card.text, how
+        assert f'DiffusionPipeline.from_pretrained("{repo_id}", trust_remote_code=True)' in card.text, how
+        assert ".trajectories" in card.text and "start_state=" in card.text and ".images" not in card.text, how
+        assert "Pendulum trajectories (theta, omega; dt = 0.05)" in card.text, how
+    card = hub.files(TRAJECTORY_REPOS["push_pipeline_folder"])["README.md"].decode()
+    assert "![trajectory samples](sample_grid.png)" in card and "| steps | 3 |" in card
+    assert "sample_grid.png" in hub.files(TRAJECTORY_REPOS["push_pipeline_folder"])
+    for text in pushed_trajectories["texts"]:
+        assert_token_absent(text, "captured output or logs")
+    assert_folder_clean(pushed_trajectories["folder"])
+    assert hub.unknown_requests == []
+
+
+@pytest.mark.parametrize("method", ["from_pretrained", "load_config", "_upload_folder"])
+def test_trajectory_pipeline_hub_methods_are_exact_copies(method):
+    """pipeline_mmf_trajectory.py cannot import pipeline_mmf.py (each ships alone as remote code), so it copies
+    MMFPipeline's three Hub methods; their bytecode must stay the same (docstrings may differ)."""
+
+    def shape(code, doc=None):
+        consts = tuple(shape(c) if isinstance(c, types.CodeType) else c for c in code.co_consts if c is not doc)
+        return code.co_code, code.co_names, code.co_varnames, consts
+
+    shapes = []
+    for cls in (MMFPipeline, MMFTrajectoryPipeline):
+        function = getattr(cls.__dict__[method], "__func__", cls.__dict__[method])
+        shapes.append(shape(function.__code__, function.__doc__))
+    assert shapes[0] == shapes[1]
+    assert mmf_diffusers.pipeline_mmf_trajectory.PACKAGE_LAYOUT_KEY == PACKAGE_LAYOUT_KEY
+
+
+def test_load_pipeline_picks_the_class_and_refuses_other_folders(tmp_path):
+    folder = str(tmp_path / "trajectory")
+    tiny_trajectory_pipeline().save_pretrained(folder)
+    assert type(load_pipeline(folder)) is MMFTrajectoryPipeline
+    with open(os.path.join(folder, "model_index.json")) as f:
+        index = json.load(f)
+    index["_class_name"] = "DDPMPipeline"
+    with open(os.path.join(folder, "model_index.json"), "w") as f:
+        json.dump(index, f)
+    with pytest.raises(ValueError, match="not a pipeline of mmf_diffusers"):
+        load_pipeline(folder)
+
+
+def test_add_remote_code_refuses_a_list_of_strings_in_the_configuration(tmp_path):
+    """A folder saved before channel_names became one string: diffusers' download would fail on it, so no push."""
+    folder = str(tmp_path / "old")
+    tiny_trajectory_pipeline().save_pretrained(folder)
+    with open(os.path.join(folder, "model_index.json")) as f:
+        index = json.load(f)
+    index["channel_names"] = ["theta", "omega"]
+    with open(os.path.join(folder, "model_index.json"), "w") as f:
+        json.dump(index, f)
+    with pytest.raises(ValueError, match="channel_names=.*save it again"):
+        add_remote_code(folder)
+    MMFTrajectoryPipeline.from_pretrained(folder).save_pretrained(folder)
+    assert add_remote_code(folder)["channel_names"] == "theta,omega"
+
+
+def test_image_card_without_a_pipeline_folder_is_the_default(tmp_path):
+    card = ModelCard.load(write_model_card(str(tmp_path), {}))
+    assert card.data.pipeline_tag == "unconditional-image-generation" and "MMFPipeline.from_pretrained" in card.text
 
 
 # ---------------------------------------------------------------------------------------------------- privacy, token

@@ -199,7 +199,11 @@ def test_save_load_round_trip(tmp_path):
     assert index["channel_mean"] == [0.1, -0.2] and index["channel_std"] == [0.5, 2.0]
     loaded = MMFTrajectoryPipeline.from_pretrained(tmp_path)
     loaded.set_progress_bar_config(disable=True)
-    assert loaded.config.channel_names == ["theta", "omega"] and loaded.config.dt == 0.05
+    assert loaded.config.channel_names == "theta,omega" and loaded.config.dt == 0.05
+    # A list of strings in model_index.json would be taken for a [module, class] component by diffusers' download.
+    assert index["channel_names"] == "theta,omega"
+    with pytest.raises(ValueError, match="channel_names"):
+        MMFTrajectoryPipeline(tiny_unet(), MMFScheduler(), channel_names=["theta", "omega,2"])
     for kwargs in (dict(num_samples=2), dict(start_state=torch.tensor([0.2, 0.1]), num_samples=2)):
         a = pipe(generator=torch.Generator().manual_seed(0), **kwargs).trajectories
         b = loaded(generator=torch.Generator().manual_seed(0), **kwargs).trajectories

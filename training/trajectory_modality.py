@@ -139,37 +139,20 @@ class TrajectoryModality:
         return path
 
     def write_model_card(self, output_dir: str, info: dict, secrets=()) -> str:
-        """``README.md`` for a trajectory pipeline folder (``info`` as train_mmf.py builds it)."""
-        import json
+        """``README.md`` for a trajectory pipeline folder (``info`` as train_mmf.py builds it), written by
+        `mmf_diffusers.model_card.write_model_card` (trajectory tags and Hub task, loading snippets, the sample plot)
+        with this run's data set and shape."""
+        from mmf_diffusers.model_card import write_model_card
 
-        from mmf_diffusers.model_card import _known_secrets, _scrub, redact_command
-
-        secrets = _known_secrets(secrets)
         s = self.system
-        lines = ["---", "library_name: diffusers", "tags: [mmf, meanflow, trajectory-generation, time-series]", "---",
-                 "", "# Modular MeanFlow one-step trajectory generator", "",
-                 f"Trajectories {self.channels} x {self.length} "
-                 f"({', '.join(s.channel_names) + f', dt = {s.dt}' if s else 'channels x time'}) of {self.name}, "
-                 "generated in one network evaluation with Modular MeanFlow (You, Liu & He, arXiv 2508.17426) on a "
-                 "stock diffusers `UNet1DModel`, unconditionally or from a known start state (the returned "
-                 "trajectory starts exactly there). t = 0 is data, t = 1 noise; one step is x = z_1 - u(z_1, 0, 1).",
-                 ""]
-        if info.get("sample_grid"):
-            lines += ["## Samples", "", "Top: ground truth; then one-step samples, unconditional and from the ground "
-                      "truth's start states (one panel per channel).", "", f"![samples]({info['sample_grid']})", ""]
-        lines += ["## How it was trained", "", "| setting | value |", "| --- | --- |"]
-        for key in ("steps", "curriculum", "loss", "dataset", "wall_time_s"):
-            if info.get(key) is not None:
-                value = info[key] if isinstance(info[key], (str, int, float)) else json.dumps(info[key])
-                lines.append(f"| {key} | {str(value).replace('|', '/')} |")
-        lines += ["", "```bash", redact_command(info.get("command", []), secrets), "```", "",
-                  "## How to load", "", "```python", "import torch",
-                  "from mmf_diffusers import MMFTrajectoryPipeline", "",
-                  'pipe = MMFTrajectoryPipeline.from_pretrained("<this folder or repo id>")',
-                  "x = pipe(num_samples=8, generator=torch.Generator().manual_seed(0)).trajectories  # (8, C, L)",
-                  "futures = pipe(num_samples=8, start_state=x[0, :, 0]).trajectories  # all start at x[0, :, 0]",
-                  "```", ""]
-        path = os.path.join(output_dir, "README.md")
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(_scrub("\n".join(lines), secrets))
-        return path
+        fields = ("repo_id", "command", "steps", "curriculum", "loss", "wall_time_s", "sample_grid")
+        card = {key: info[key] for key in fields if info.get(key) is not None}
+        card["dataset"] = self.name  # train_mmf.py's "dataset" is the image flags' (--dataset_name / the folder)
+        card["description"] = (
+            f"Trajectories {self.channels} x {self.length} "
+            f"({', '.join(s.channel_names) + f', dt = {s.dt}' if s else 'channels x time'}) of {self.name}, generated "
+            "in one network evaluation with Modular MeanFlow (You, Liu & He, arXiv 2508.17426) on a stock diffusers "
+            "`UNet1DModel`, unconditionally or from a known start state (the returned trajectory starts exactly "
+            "there). t = 0 is data, t = 1 noise; one step is x = z_1 - u(z_1, 0, 1)."
+        )
+        return write_model_card(output_dir, card, secrets=secrets)

@@ -1,19 +1,21 @@
-"""Sharing MMF pipelines on the Hugging Face Hub.
+"""Sharing MMF pipelines (`MMFPipeline` for images, `MMFTrajectoryPipeline` for trajectories) on the Hugging Face Hub.
 
-A pushed repository loads two ways, with the same images for the same seed:
+A pushed repository loads two ways, with the same samples for the same seed:
 
-* ``MMFPipeline.from_pretrained("user/repo")`` (or `load_pipeline`) where mmf_diffusers is installed;
+* ``MMFPipeline.from_pretrained("user/repo")`` / ``MMFTrajectoryPipeline.from_pretrained("user/repo")`` (or
+  `load_pipeline`, which picks the class the repository names) where mmf_diffusers is installed;
 * ``DiffusionPipeline.from_pretrained("user/repo", trust_remote_code=True)`` with diffusers alone.
 
-For the second, the folder carries diffusers' remote-code layout (`add_remote_code`): a copy of
-``pipeline_mmf.py`` as ``pipeline.py`` at the top level, a copy of ``scheduling_mmf.py`` as
+For the second, the folder carries diffusers' remote-code layout (`add_remote_code`): a copy of the module of the
+pipeline class that ``model_index.json`` names (``pipeline_mmf.py`` or ``pipeline_mmf_trajectory.py``; both are
+self-contained) as ``pipeline.py`` at the top level, a copy of ``scheduling_mmf.py`` as
 ``scheduler/scheduling_mmf.py``, and a ``model_index.json`` that names them (``"_class_name": ["pipeline",
 "MMFPipeline"]``, ``"scheduler": ["scheduling_mmf", "MMFScheduler"]``). diffusers resolves ``_class_name[0]`` as
 ``<folder>/<name>.py`` and a component ``[module, class]`` as ``<folder>/<component>/<module>.py`` before looking for
-an installed library. The package's own entries are kept under ``_mmf_package_layout``, which
-``MMFPipeline.load_config`` reads back, so the same folder still loads with the installed classes.
+an installed library. The package's own entries are kept under ``_mmf_package_layout``, which the pipelines'
+``load_config`` reads back, so the same folder still loads with the installed classes.
 
-Components from diffusers (the UNet2DModel, or a FlowMapEulerDiscreteScheduler) need no copied code.
+Components from diffusers (the UNet2DModel / UNet1DModel, or a FlowMapEulerDiscreteScheduler) need no copied code.
 
 Command line: ``mmf-push FOLDER REPO_ID [--private] [--token TOKEN] [--endpoint URL]``.
 """
@@ -32,12 +34,12 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 
 from diffusers import DiffusionPipeline
 from diffusers.pipelines.pipeline_loading_utils import LOADABLE_CLASSES
-from huggingface_hub import HfApi, get_token
+from huggingface_hub import HfApi, get_token, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects  # upload_folder's own ignores
 
 from .model_card import REPO_PLACEHOLDER, is_mmf_card, write_model_card
-from .pipeline_mmf import PACKAGE_LAYOUT_KEY, MMFPipeline
+from .pipeline_mmf import PACKAGE_LAYOUT_KEY
 
 PathLike = Union[str, os.PathLike]
 
@@ -49,13 +51,38 @@ AUTH_HELP = "pass a token (--token / token=...), set HF_TOKEN, or log in once wi
 
 
 # ---------------------------------------------------------------------------------------------------- loading
-def load_pipeline(repo_id_or_path: PathLike, **kwargs) -> MMFPipeline:
-    """Load an MMF pipeline from a local folder or a Hub repo id (see `MMFPipeline.from_pretrained`).
+def load_pipeline(repo_id_or_path: PathLike, **kwargs) -> DiffusionPipeline:
+    """Load an MMF pipeline from a local folder or a Hub repo id, with the class its ``model_index.json`` names
+    (`MMFPipeline` or `MMFTrajectoryPipeline`; see their ``from_pretrained``).
 
     Works for folders written by ``save_pretrained`` and for folders and repositories in the remote-code layout;
     ``kwargs`` go to ``from_pretrained`` (``revision``, ``token``, ``torch_dtype``, ...).
     """
-    return MMFPipeline.from_pretrained(repo_id_or_path, **kwargs)
+    if os.path.isdir(repo_id_or_path):
+        index = _read_model_index(repo_id_or_path)
+    else:
+        path = hf_hub_download(
+            str(repo_id_or_path),
+            MODEL_INDEX,
+            revision=kwargs.get("revision"),
+            token=kwargs.get("token"),
+            cache_dir=kwargs.get("cache_dir"),
+            local_files_only=kwargs.get("local_files_only", False),
+        )
+        with open(path, encoding="utf-8") as f:
+            index = json.load(f)
+    return _pipeline_class(index, repo_id_or_path).from_pretrained(repo_id_or_path, **kwargs)
+
+
+def _pipeline_class(index: Dict[str, Any], where: PathLike) -> type:
+    """The pipeline class of this package that a ``model_index.json`` (either layout) names."""
+    class_name = (index.get(PACKAGE_LAYOUT_KEY) or {}).get("_class_name", index.get("_class_name"))
+    if not isinstance(class_name, str):
+        raise ValueError(f"{where}/{MODEL_INDEX} has _class_name {class_name!r} and no {PACKAGE_LAYOUT_KEY} entry")
+    cls = getattr(importlib.import_module(PACKAGE), class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, DiffusionPipeline)):
+        raise ValueError(f"{where} holds a {class_name}, which is not a pipeline of {PACKAGE}")
+    return cls
 
 
 # ---------------------------------------------------------------------------------------------------- layout
@@ -115,27 +142,35 @@ def _copy_source(cls: type, destination: str) -> None:
 def add_remote_code(folder: PathLike) -> Dict[str, Any]:
     """Give a saved MMF pipeline folder diffusers' remote-code layout, in place; returns the new ``model_index.json``.
 
-    Copies the pipeline's module to ``pipeline.py`` and the module of every component that is not from a library
-    diffusers loads (the MMFScheduler) to ``<component>/<module>.py``, rewrites ``model_index.json`` to name those
-    files, and keeps the package entries under ``_mmf_package_layout``. The folder then loads both with
-    ``MMFPipeline.from_pretrained(folder)`` and with ``DiffusionPipeline.from_pretrained(folder,
-    trust_remote_code=True)``. Running it again refreshes the copies from the installed package.
+    Copies the module of the pipeline class the folder names (``pipeline_mmf.py`` for `MMFPipeline`,
+    ``pipeline_mmf_trajectory.py`` for `MMFTrajectoryPipeline`) to ``pipeline.py`` and the module of every component
+    that is not from a library diffusers loads (the MMFScheduler) to ``<component>/<module>.py``, rewrites
+    ``model_index.json`` to name those files, and keeps the package entries under ``_mmf_package_layout``. The folder
+    then loads both with the pipeline class's ``from_pretrained(folder)`` and with
+    ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``. Running it again refreshes the copies from
+    the installed package.
     """
     index = _read_model_index(folder)
     layout = dict(index.get(PACKAGE_LAYOUT_KEY) or {})
 
-    class_name = layout.get("_class_name", index.get("_class_name"))
-    if not isinstance(class_name, str):
-        raise ValueError(f"{folder}/{MODEL_INDEX} has _class_name {class_name!r} and no {PACKAGE_LAYOUT_KEY} entry")
-    pipeline_cls = getattr(importlib.import_module(PACKAGE), class_name, None)
-    if not (isinstance(pipeline_cls, type) and issubclass(pipeline_cls, DiffusionPipeline)):
-        raise ValueError(f"{folder} holds a {class_name}, which is not a pipeline of {PACKAGE}")
+    pipeline_cls = _pipeline_class(index, folder)
     _copy_source(pipeline_cls, os.path.join(folder, f"{REMOTE_PIPELINE_MODULE}.py"))
-    layout["_class_name"] = class_name
-    index["_class_name"] = [REMOTE_PIPELINE_MODULE, class_name]
+    layout["_class_name"] = pipeline_cls.__name__
+    index["_class_name"] = [REMOTE_PIPELINE_MODULE, pipeline_cls.__name__]
 
-    for name, entry in list(index.items()):
-        if name.startswith("_") or not isinstance(entry, list) or len(entry) != 2 or entry[0] is None:
+    # Only the pipeline's modules, as diffusers tells them apart: configuration values can be 2-lists too
+    # (MMFTrajectoryPipeline's channel_mean [0.0, 0.0]).
+    modules, _ = pipeline_cls._get_signature_keys(pipeline_cls)
+    for name, value in index.items():
+        if name[0] != "_" and name not in modules and isinstance(value, list) and value and isinstance(value[0], str):
+            raise ValueError(
+                f"{folder}/{MODEL_INDEX}: the configuration value {name}={value!r} is a list of strings, which "
+                "diffusers' Hub download takes for a [module, class] component; load the pipeline and save it again "
+                f"with this version of {PACKAGE} (it stores such values as one string)"
+            )
+    for name in modules:
+        entry = index.get(name)
+        if not isinstance(entry, list) or len(entry) != 2 or entry[0] is None:
             continue
         library, component_class = layout.get(name, entry)
         if library.split(".")[0] in LOADABLE_CLASSES:
@@ -242,11 +277,12 @@ def push_pipeline_folder(
     """Upload a saved MMF pipeline folder to the Hub repository ``repo_id``; returns the commit URL.
 
     The repository is created if needed (private when ``private``; an existing one keeps its visibility). The folder
-    first gets the remote-code layout and a model card, in place (`prepare_folder_for_hub`), so the local folder and
-    the repository both load with ``MMFPipeline.from_pretrained`` and with ``DiffusionPipeline.from_pretrained(...,
-    trust_remote_code=True)``. ``repo_id`` may omit the namespace (the token's user). ``ignore_patterns`` (fnmatch,
-    relative to ``folder``) leaves files out, e.g. a training run's ``checkpoint-*``. The upload is refused if any file
-    to upload contains the token. ``endpoint`` defaults to ``HF_ENDPOINT`` / huggingface.co.
+    first gets the remote-code layout and a model card, in place (`prepare_folder_for_hub`), so the local folder and the
+    repository both load with ``MMFPipeline.from_pretrained`` (``MMFTrajectoryPipeline.from_pretrained`` for a
+    trajectory pipeline) and with ``DiffusionPipeline.from_pretrained(..., trust_remote_code=True)``. ``repo_id`` may
+    omit the namespace (the token's user). ``ignore_patterns`` (fnmatch, relative to ``folder``) leaves files out, e.g.
+    a training run's ``checkpoint-*``. The upload is refused if any file to upload contains the token. ``endpoint``
+    defaults to ``HF_ENDPOINT`` / huggingface.co.
     """
     _read_model_index(folder)  # a clear error for a missing folder or one without a pipeline, before anything else
     token = check_hub_auth(token)

@@ -1,12 +1,16 @@
 """The model card (``README.md``) of a pushed MMF pipeline, written with huggingface_hub's `ModelCard` utilities.
 
 The card says how the model was trained (the command line with every secret redacted, steps, curriculum, loss
-settings, dataset, wall time), shows the sample grid, lists measured metrics, and shows how to load the model both
-with mmf_diffusers and with ``DiffusionPipeline.from_pretrained(..., trust_remote_code=True)``.
+settings, dataset, wall time), shows the sample grid (images) or plot (trajectories), lists measured metrics, and
+shows how to load the model both with mmf_diffusers and with ``DiffusionPipeline.from_pretrained(...,
+trust_remote_code=True)``.
+Its tags, Hub task and loading snippets follow the pipeline class the folder's ``model_index.json`` names
+(`MMFPipeline` or `MMFTrajectoryPipeline`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -14,10 +18,17 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 from huggingface_hub import ModelCard, ModelCardData, get_token
 
-#: Tags every card carries; the Hub uses ``pipeline_tag`` for the task filter and ``library_name`` for the
-#: "Use this model" snippet.
+from .pipeline_mmf import PACKAGE_LAYOUT_KEY
+
+#: Tags an image pipeline's card carries; the Hub uses ``pipeline_tag`` for the task filter and ``library_name`` for
+#: the "Use this model" snippet.
 TAGS = ["mmf", "meanflow", "unconditional-image-generation"]
 PIPELINE_TAG = "unconditional-image-generation"
+#: The same for a trajectory pipeline. The Hub accepts only its own task names and has none for generating time series;
+#: "time-series-forecasting" is the nearest (given a start state the pipeline samples futures from it).
+TRAJECTORY_TAGS = ["mmf", "meanflow", "time-series", "trajectory-generation"]
+TRAJECTORY_PIPELINE_TAG = "time-series-forecasting"
+TRAJECTORY_PIPELINE = "MMFTrajectoryPipeline"
 
 #: What ``info`` may hold (anything else is rejected, so a typo does not silently drop a section).
 INFO_KEYS = (
@@ -103,29 +114,62 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def model_card_text(info: Dict[str, Any], secrets: Iterable[Optional[str]] = ()) -> str:
-    """The full ``README.md`` text (YAML metadata + markdown) for ``info``; see `write_model_card`."""
+def _trajectory_description(pipeline_config: Dict[str, Any]) -> str:
+    names, dt, system = (pipeline_config.get(k) for k in ("channel_names", "dt", "system"))
+    what = f"{system.capitalize()} trajectories" if system else "Trajectories"
+    if isinstance(names, str):
+        names = names.split(",")
+    details = [", ".join(map(str, names))] if names else []
+    details += [f"dt = {dt}"] if dt else []
+    if details:
+        what += f" ({'; '.join(details)})"
+    return (
+        f"{what}, generated with Modular MeanFlow (MMF, You, Liu & He, arXiv 2508.17426) on a stock diffusers "
+        "`UNet1DModel`: the network predicts the average velocity `u(z_t, r, t)` between two times (t = 0 data, "
+        "t = 1 noise), so one network evaluation turns noise into a trajectory `(C, L)`, `x = z_1 - u(z_1, 0, 1)`; "
+        "more steps are optional. Unconditionally, or from a known start state: the returned trajectories start "
+        "exactly there."
+    )
+
+
+def model_card_text(
+    info: Dict[str, Any], secrets: Iterable[Optional[str]] = (), pipeline_config: Optional[Dict[str, Any]] = None
+) -> str:
+    """The full ``README.md`` text (YAML metadata + markdown) for ``info``; see `write_model_card`.
+
+    ``pipeline_config`` is the folder's ``model_index.json``: a ``_class_name`` of ``MMFTrajectoryPipeline`` gives a
+    trajectory card (tags, Hub task, description from ``channel_names`` / ``dt`` / ``system``, loading snippets);
+    anything else, or None, an image card.
+    """
     unknown = sorted(set(info) - set(INFO_KEYS))
     if unknown:
         raise ValueError(f"Unknown model card fields {unknown}; the known ones are {list(INFO_KEYS)}")
     secrets = _known_secrets(secrets)
     repo_id = info.get("repo_id") or REPO_PLACEHOLDER
+    pipeline_config = pipeline_config or {}
+    trajectories = pipeline_class_name(pipeline_config) == TRAJECTORY_PIPELINE
 
     data = ModelCardData(
-        library_name="diffusers", license=info.get("license"), tags=list(TAGS), pipeline_tag=PIPELINE_TAG
+        library_name="diffusers",
+        license=info.get("license"),
+        tags=list(TRAJECTORY_TAGS if trajectories else TAGS),
+        pipeline_tag=TRAJECTORY_PIPELINE_TAG if trajectories else PIPELINE_TAG,
     )
-    lines = [f"# {info.get('title') or 'Modular MeanFlow one-step image generator'}", ""]
-    lines += [
-        info.get("description")
-        or (
+    if trajectories:
+        title = "Modular MeanFlow one-step trajectory generator"
+        description = _trajectory_description(pipeline_config)
+    else:
+        title, description = "Modular MeanFlow one-step image generator", (
             "An unconditional image generator trained with Modular MeanFlow (MMF, You, Liu & He, arXiv 2508.17426): "
             "the UNet predicts the average velocity `u(z_t, r, t)` between two times (t = 0 data, t = 1 noise), so "
             "one network evaluation turns noise into an image, `x = z_1 - u(z_1, 0, 1)`; more steps are optional."
-        ),
-        "",
-    ]
+        )
+    lines = [f"# {info.get('title') or title}", "", info.get("description") or description, ""]
 
-    if info.get("sample_grid"):
+    if info.get("sample_grid") and trajectories:
+        lines += ["## Samples", "", "Trajectories over time, one panel per channel.", "",
+                  f"![trajectory samples]({info['sample_grid']})", ""]
+    elif info.get("sample_grid"):
         lines += ["## Samples", "", f"![sample grid]({info['sample_grid']})", ""]
 
     training = [
@@ -150,6 +194,13 @@ def model_card_text(info: Dict[str, Any], secrets: Iterable[Optional[str]] = ())
         lines += [f"| {_cell(str(name))} | {_cell(_format_value(value))} |" for name, value in info["metrics"].items()]
         lines += [""]
 
+    if trajectories:
+        cls, what = TRAJECTORY_PIPELINE, "trajectories"
+        sample = "x = pipe(num_samples=8, generator=generator).trajectories"
+        extra = ["futures = pipe(num_samples=8, start_state=x[0, :, 0]).trajectories  # all start at x[0, :, 0]"]
+    else:
+        cls, sample, what = "MMFPipeline", "images = pipe(num_images=16, generator=generator).images", "images"
+        extra = []
     lines += [
         "## How to load",
         "",
@@ -157,10 +208,12 @@ def model_card_text(info: Dict[str, Any], secrets: Iterable[Optional[str]] = ())
         "",
         "```python",
         "import torch",
-        "from mmf_diffusers import MMFPipeline",
+        f"from mmf_diffusers import {cls}",
         "",
-        f'pipe = MMFPipeline.from_pretrained("{repo_id}")',
-        "images = pipe(num_images=16, generator=torch.Generator().manual_seed(0)).images  # one network evaluation",
+        f'pipe = {cls}.from_pretrained("{repo_id}")',
+        "generator = torch.Generator().manual_seed(0)",
+        f"{sample}  # one network evaluation",
+        *extra,
         "```",
         "",
         "With diffusers alone: the repository carries its pipeline (`pipeline.py`) and scheduler "
@@ -171,10 +224,11 @@ def model_card_text(info: Dict[str, Any], secrets: Iterable[Optional[str]] = ())
         "from diffusers import DiffusionPipeline",
         "",
         f'pipe = DiffusionPipeline.from_pretrained("{repo_id}", trust_remote_code=True)',
-        "images = pipe(num_images=16, generator=torch.Generator().manual_seed(0)).images",
+        "generator = torch.Generator().manual_seed(0)",
+        sample,
         "```",
         "",
-        "Both give the same images for the same seed. `num_inference_steps=2` (or more) trades time for quality.",
+        f"Both give the same {what} for the same seed. `num_inference_steps=2` (or more) trades time for quality.",
         "",
     ]
     text = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)
@@ -185,11 +239,13 @@ def write_model_card(folder: Union[str, os.PathLike], info: Dict[str, Any], secr
     """Write ``folder/README.md`` for a pipeline folder and return its path.
 
     Args:
-        folder: the pipeline folder (with ``model_index.json``).
+        folder: the pipeline folder; its ``model_index.json`` says whether the card is for images or trajectories
+            (`model_card_text`).
         info: what to say; every field is optional. ``title``, ``description``, ``repo_id`` (used in the loading
             snippets), ``command`` (argv list or string; secret flag values are redacted), ``steps``, ``curriculum``
             and ``loss`` (dicts or strings), ``dataset``, ``wall_time_s`` (seconds), ``sample_grid`` (image path
-            relative to ``folder``; must exist), ``metrics`` (name -> value), ``license`` (a Hub licence id).
+            relative to ``folder``, the sample grid or trajectory plot; must exist), ``metrics`` (name -> value),
+            ``license`` (a Hub licence id).
         secrets: strings that must not appear in the card (e.g. the Hub token); the token huggingface_hub would use
             now (``HF_TOKEN`` or the cached login) is always scrubbed too.
     """
@@ -198,10 +254,25 @@ def write_model_card(folder: Union[str, os.PathLike], info: Dict[str, Any], secr
         if os.path.isabs(grid) or not os.path.isfile(os.path.join(folder, grid)):
             raise ValueError(f"sample_grid must be a path relative to {folder} of an existing file, got {grid!r}")
         info = {**info, "sample_grid": grid.replace(os.sep, "/")}
-    card = ModelCard(model_card_text(info, secrets))
+    index_path = os.path.join(folder, "model_index.json")
+    pipeline_config = None
+    if os.path.isfile(index_path):
+        with open(index_path, encoding="utf-8") as f:
+            pipeline_config = json.load(f)
+    card = ModelCard(model_card_text(info, secrets, pipeline_config))
     path = os.path.join(folder, "README.md")
     card.save(path)
     return path
+
+
+def pipeline_class_name(pipeline_config: Dict[str, Any]) -> Optional[str]:
+    """The package pipeline class a ``model_index.json`` names, in either layout (``"_class_name": "MMFPipeline"``,
+    or ``["pipeline", "MMFPipeline"]`` with the remote-code files); None when it names none."""
+    layout = pipeline_config.get(PACKAGE_LAYOUT_KEY) or {}
+    name = layout.get("_class_name", pipeline_config.get("_class_name"))
+    if isinstance(name, list) and len(name) == 2:
+        name = name[1]
+    return name if isinstance(name, str) else None
 
 
 def is_mmf_card(path: Union[str, os.PathLike]) -> bool:

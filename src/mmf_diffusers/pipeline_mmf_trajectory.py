@@ -28,14 +28,17 @@ state determines the rest, and one-step sampling has no later steps to propagate
 Normalisation: the model works on per-channel standardised data ``(x - channel_mean) / channel_std``; both vectors are
 stored in the pipeline configuration (``model_index.json``) and outputs come back in physical units.
 
-This file imports only torch, numpy and diffusers (and huggingface_hub through diffusers): it can be shipped as
-remote code (``pipeline.py``) like ``pipeline_mmf.py``.
+This file imports only torch, numpy and diffusers (and huggingface_hub, which diffusers depends on): `mmf_diffusers.hub`
+ships it as ``pipeline.py`` in Hub repositories (diffusers' remote-code layout), like ``pipeline_mmf.py``.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 import numbers
+import os
+import sys
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -43,8 +46,11 @@ import numpy as np
 import torch
 from diffusers import DiffusionPipeline, UNet1DModel
 from diffusers.models.embeddings import get_timestep_embedding
-from diffusers.utils import BaseOutput
+from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
+from huggingface_hub import snapshot_download
+
+logger = logging.get_logger(__name__)
 
 #: Scale of both times at the network input (the same measured default as `pipeline_mmf.DEFAULT_TIME_SCALE`; this
 #: file cannot import it because it must stay self-contained).
@@ -55,6 +61,8 @@ DEFAULT_SECOND_TIME_CHANNELS = 8
 #: only a few frequencies a shorter range keeps each channel informative over ``time_scale * h`` in ``[0, 10]``.
 SECOND_TIME_MAX_PERIOD = 100.0
 OUTPUT_TYPES = ("np", "pt")
+#: Where a remote-code ``model_index.json`` keeps the package's own entries (`pipeline_mmf.PACKAGE_LAYOUT_KEY`).
+PACKAGE_LAYOUT_KEY = "_mmf_package_layout"
 
 
 def trajectory_average_velocity(
@@ -142,8 +150,10 @@ class MMFTrajectoryPipeline(DiffusionPipeline):
         second_time_channels (`int`): channels of the sinusoidal embedding of ``h = t - r``.
         channel_mean, channel_std (list of `float`, one per channel): the model works on ``(x - mean) / std``;
             outputs are returned as ``x * std + mean``. Default: 0 and 1.
-        channel_names (list of `str`, optional), dt (`float`, optional), system (`str`, optional): descriptive
-            metadata (the state variables, the time between samples, the physical system), saved with the pipeline.
+        channel_names (`str` or list of `str`, optional), dt (`float`, optional), system (`str`, optional):
+            descriptive metadata (the state variables, the time between samples, the physical system), saved with the
+            pipeline. The names are saved as one comma-separated string (``"theta,omega"``; a list is joined):
+            diffusers' Hub download takes any list of strings in ``model_index.json`` for a ``[module, class]`` entry.
 
     Examples:
         ```py
@@ -165,7 +175,7 @@ class MMFTrajectoryPipeline(DiffusionPipeline):
         second_time_channels: int = DEFAULT_SECOND_TIME_CHANNELS,
         channel_mean: Optional[Sequence[float]] = None,
         channel_std: Optional[Sequence[float]] = None,
-        channel_names: Optional[Sequence[str]] = None,
+        channel_names: Optional[Union[str, Sequence[str]]] = None,
         dt: Optional[float] = None,
         system: Optional[str] = None,
     ):
@@ -186,14 +196,67 @@ class MMFTrajectoryPipeline(DiffusionPipeline):
                              f"{len(channel_mean)} and {len(channel_std)}")
         if not all(math.isfinite(s) and s > 0 for s in channel_std) or not all(map(math.isfinite, channel_mean)):
             raise ValueError("channel_std must be positive and channel_mean finite")
-        if channel_names is not None and len(channel_names) != channels:
-            raise ValueError(f"channel_names needs {channels} entries, got {len(channel_names)}")
+        if channel_names is not None:
+            names = channel_names.split(",") if isinstance(channel_names, str) else list(channel_names)
+            if len(names) != channels or not all(isinstance(n, str) and n and "," not in n for n in names):
+                raise ValueError(f"channel_names needs {channels} non-empty names without commas, got "
+                                 f"{channel_names!r}")
+            channel_names = ",".join(names)
         self.register_modules(unet=unet, scheduler=scheduler)
         self.register_to_config(
             time_scale=float(time_scale), second_time_channels=second_time_channels, channel_mean=channel_mean,
-            channel_std=channel_std, channel_names=list(channel_names) if channel_names is not None else None,
+            channel_std=channel_std, channel_names=channel_names,
             dt=float(dt) if dt is not None else None, system=system,
         )
+
+    # --- Hub support -------------------------------------------------------------------------------------------
+    # The same three methods as `MMFPipeline`'s (pipeline_mmf.py), which explains them. They are copied, not shared:
+    # each pipeline file ships alone as a Hub repository's ``pipeline.py``, so neither can import the other (or a
+    # mixin module) there. tests/test_hub.py checks that both behave the same.
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: Union[str, os.PathLike], **kwargs
+    ) -> "MMFTrajectoryPipeline":
+        """[`DiffusionPipeline.from_pretrained`] that also takes a Hub repo id pushed by mmf_diffusers: a repo id is
+        fetched whole with `snapshot_download` (``revision``, ``token``, ``cache_dir``, ``force_download``,
+        ``local_files_only`` from ``kwargs``), then the local folder is loaded; see `MMFPipeline.from_pretrained`."""
+        if not os.path.isdir(pretrained_model_name_or_path):
+            pretrained_model_name_or_path = snapshot_download(
+                str(pretrained_model_name_or_path),
+                revision=kwargs.pop("revision", None),
+                token=kwargs.pop("token", None),
+                cache_dir=kwargs.get("cache_dir"),
+                force_download=kwargs.pop("force_download", False),
+                local_files_only=kwargs.pop("local_files_only", False),
+            )
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
+    def load_config(cls, *args, **kwargs):
+        """[`ConfigMixin.load_config`] that reads a remote-code folder's `PACKAGE_LAYOUT_KEY` entries instead of its
+        copied-file entries when the modules they name are imported; see `MMFPipeline.load_config`."""
+        outputs = super().load_config(*args, **kwargs)
+        config = outputs[0] if isinstance(outputs, tuple) else outputs
+        layout = config.pop(PACKAGE_LAYOUT_KEY, None)
+        if isinstance(layout, dict) and all(
+            entry[0] in sys.modules for name, entry in layout.items() if name != "_class_name"
+        ):
+            config.update(layout)
+        return outputs
+
+    def _upload_folder(self, working_dir, repo_id, **kwargs):
+        """Add the remote-code layout and the model card (`mmf_diffusers.hub.prepare_folder_for_hub`) before every
+        upload by `push_to_hub`; see `MMFPipeline._upload_folder` (why the import is deferred and not a statement)."""
+        try:
+            prepare_folder_for_hub = importlib.import_module("mmf_diffusers.hub").prepare_folder_for_hub
+        except ImportError:
+            logger.warning(
+                "mmf_diffusers is not installed: the pushed repository gets no remote-code files and will only load "
+                "where mmf_diffusers is installed. Push with mmf_diffusers installed (`mmf-push FOLDER REPO_ID`)."
+            )
+        else:
+            prepare_folder_for_hub(working_dir, repo_id=repo_id, secrets=[kwargs.get("token")])
+        return super()._upload_folder(working_dir, repo_id, **kwargs)
 
     # --- normalisation -------------------------------------------------------------------------------------------
     def _stats(self, device, dtype) -> Tuple[torch.Tensor, torch.Tensor]:
