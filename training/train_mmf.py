@@ -458,24 +458,17 @@ def _write_model_card(output_dir: str, args, extra: dict) -> None:
 
 
 def _image_grid(images, min_tile: int = 64):
-    """A square-ish PIL grid of ``images`` (float array ``(N, H, W, C)`` in [0, 1]); tiny tiles are enlarged with
-    nearest-neighbour so 8x8 digits stay visible."""
+    """A square-ish PIL grid of ``images`` (float array ``(N, H, W, C)`` in [0, 1]) with a thin black border around
+    each tile; tiny tiles are enlarged with nearest-neighbour so 8x8 digits stay visible."""
     import numpy as np
     from PIL import Image
 
+    from mmf_diffusers.generate import make_grid
+
     n, h, w, c = images.shape
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    grid = np.zeros((rows * h, cols * w, c), dtype=np.float32)
-    for i in range(n):
-        r, q = divmod(i, cols)
-        grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = images[i]
-    grid = (grid * 255).round().clip(0, 255).astype(np.uint8)
-    image = Image.fromarray(grid[..., 0] if c == 1 else grid)
-    scale = max(1, min_tile // max(h, w))
-    if scale > 1:
-        image = image.resize((image.width * scale, image.height * scale), resample=Image.NEAREST)
-    return image
+    pixels = (images * 255).round().clip(0, 255).astype(np.uint8)
+    tiles = [Image.fromarray(p[..., 0] if c == 1 else p) for p in pixels]
+    return make_grid(tiles, upscale=max(1, min_tile // max(h, w)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
