@@ -774,3 +774,35 @@ def test_cli_push(no_login, monkeypatch, tmp_path, capsys, hub, reference):
     assert hub.repos[f"{USER}/cli-public"].private is False
     assert "pipeline.py" in hub.files(f"{USER}/cli-public")
     assert_folder_clean(folder)
+
+
+def test_training_script_pushes_at_checkpoints_and_at_the_end(hub, tmp_path):
+    """train_mmf.py --push_to_hub: a private repo gets the pipeline folder (remote-code layout and model card) at
+    every checkpoint and at the end; the token reaches the server but no file and no output."""
+    repo_id = f"{USER}/trained-by-script"
+    script = os.path.join(os.path.dirname(SRC), "training", "train_mmf.py")
+    env = hub_env(hub, str(tmp_path))
+    env["OMP_NUM_THREADS"] = "1"
+    output_dir = tmp_path / "out"
+    args = ["--dataset_name", "sklearn-digits", "--resolution", "8", "--block_out_channels", "8", "16",
+            "--num_sample_images", "4", "--lr_warmup_steps", "0", "--seed", "0", "--train_batch_size", "8",
+            "--max_train_steps", "2", "--checkpointing_steps", "1", "--logger", "none",
+            "--output_dir", str(output_dir), "--push_to_hub", "--hub_model_id", repo_id, "--hub_private_repo"]
+    result = subprocess.run([sys.executable, script, *args], env=env, cwd=str(tmp_path), capture_output=True,
+                            text=True, timeout=SUBPROCESS_TIMEOUT)
+    assert_token_absent(result.stdout, "the training script's stdout")
+    assert_token_absent(result.stderr, "the training script's stderr")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert_folder_clean(str(output_dir))
+
+    repo = hub.repos[repo_id]
+    assert repo.private
+    assert len(repo.commits) >= 3  # checkpoint 1, checkpoint 2, the end
+    files = hub.files(repo_id)
+    for name in ("model_index.json", "pipeline.py", "scheduler/scheduling_mmf.py", "scheduler/scheduler_config.json",
+                 "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "README.md", "sample_grid.png"):
+        assert name in files, name
+    assert not any(name.startswith(("checkpoint-", "logs/", "samples/")) for name in files)
+    for name, content in files.items():
+        assert_token_absent(content, f"pushed file {name}")
+    assert repo_id in files["README.md"].decode()
