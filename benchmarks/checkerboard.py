@@ -21,7 +21,8 @@ from mmf_diffusers import LambdaSchedule, ModularMeanFlowLoss, TimeSampler
 from mmf_diffusers.metrics import sliced_wasserstein
 from mmf_diffusers.toy import TwoTimeMLP, sample_average_velocity, sample_checkerboard, sample_euler
 
-# lam curricula compared by the curriculum benchmark: (name, shape, lam_start, lam_end); warmups last a third of the run.
+# lam curricula compared by the curriculum benchmark: (name, shape, lam_start, lam_end).
+# Warmups last a third of the run.
 SCHEDULES = [
     ("lam0", "constant", 0.0, 0.0),
     ("lam1", "constant", 1.0, 1.0),
