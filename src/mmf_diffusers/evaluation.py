@@ -350,17 +350,8 @@ class Evaluator:
 # The command
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
+    from .generate import positive_int as _positive_int
     from .offline_data import REFERENCE_SETS
 
     parser = argparse.ArgumentParser(

@@ -14,7 +14,8 @@ import sys
 from typing import List, Optional
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: a positive integer, with a clear message otherwise."""
     try:
         value = int(text)
     except ValueError:
@@ -30,12 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--pipeline", required=True,
                         help="a pipeline folder (with model_index.json), e.g. pipelines/mmf-digits, or a Hub repo id")
-    parser.add_argument("--num-images", type=_positive_int, default=16, help="how many images (default 16)")
-    parser.add_argument("--steps", type=_positive_int, default=1, help="network evaluations per image (default 1)")
+    parser.add_argument("--num-images", type=positive_int, default=16, help="how many images (default 16)")
+    parser.add_argument("--steps", type=positive_int, default=1, help="network evaluations per image (default 1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
     parser.add_argument("--output", default="samples.png", help="where to write the PNG grid (default samples.png)")
-    parser.add_argument("--nrow", type=_positive_int, default=None, help="images per row (default: about square)")
-    parser.add_argument("--upscale", type=_positive_int, default=None,
+    parser.add_argument("--nrow", type=positive_int, default=None, help="images per row (default: about square)")
+    parser.add_argument("--upscale", type=positive_int, default=None,
                         help="integer upscaling of each image in the grid, nearest neighbour "
                              "(default: enough to make small images at least 64 px)")
     parser.add_argument("--save-individual", action="store_true", help="also write each image as its own PNG")
