@@ -33,7 +33,7 @@ def sampling_speed(batch: int = 64, resolution: int = 28, block_out_channels: Se
     pipe.set_progress_bar_config(disable=True)
     scale = pipe.config.time_scale
     z = torch.randn(batch, 1, resolution, resolution, generator=torch.Generator().manual_seed(0))
-    ones, zeros = torch.ones(batch), torch.zeros(batch)
+    ones = torch.ones(batch)
 
     def bare():
         return unet(z, ones * scale, class_labels=ones * scale).sample

@@ -411,11 +411,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
 
     # Check the request before the slow imports.
-    local = os.path.exists(args.pipeline)
-    if local and not os.path.isfile(os.path.join(args.pipeline, "model_index.json")):
-        parser.exit(2, f"mmf-evaluate: error: {args.pipeline} is not a pipeline folder (no model_index.json)\n")
-    if not local and (args.pipeline.count("/") != 1 or args.pipeline.startswith((".", "/"))):
-        parser.exit(2, f"mmf-evaluate: error: no such pipeline folder: {args.pipeline}\n")
+    from .generate import pipeline_argument_problem
+
+    problem = pipeline_argument_problem(args.pipeline)
+    if problem:
+        parser.exit(2, f"mmf-evaluate: error: {problem}\n")
     if "fid" in args.metric and not inception_available():
         parser.exit(2, f"mmf-evaluate: error: {_INCEPTION_HINT}\n")
     if args.reference.startswith("mnist-"):

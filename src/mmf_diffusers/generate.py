@@ -25,6 +25,18 @@ def positive_int(text: str) -> int:
     return value
 
 
+def pipeline_argument_problem(pipeline: str) -> Optional[str]:
+    """Why ``pipeline`` (a folder, or a Hub repo id ``user/name``) cannot be loaded, or None if it looks loadable.
+    Checked before the slow imports by the commands that take ``--pipeline``."""
+    if os.path.exists(pipeline):
+        if not os.path.isfile(os.path.join(pipeline, "model_index.json")):
+            return f"{pipeline} is not a pipeline folder (no model_index.json)"
+        return None
+    if pipeline.count("/") != 1 or pipeline.startswith((".", "/")):
+        return f"no such pipeline folder: {pipeline}"
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mmf-generate", description="Generate images with a Modular MeanFlow pipeline in one or a few steps."
@@ -66,11 +78,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
 
     # Check the request before the slow imports.
-    local = os.path.exists(args.pipeline)
-    if local and not os.path.isfile(os.path.join(args.pipeline, "model_index.json")):
-        parser.exit(2, f"mmf-generate: error: {args.pipeline} is not a pipeline folder (no model_index.json)\n")
-    if not local and (args.pipeline.count("/") != 1 or args.pipeline.startswith((".", "/"))):
-        parser.exit(2, f"mmf-generate: error: no such pipeline folder: {args.pipeline}\n")
+    problem = pipeline_argument_problem(args.pipeline)
+    if problem:
+        parser.exit(2, f"mmf-generate: error: {problem}\n")
     out_dir = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(out_dir):
         parser.exit(2, f"mmf-generate: error: the folder of --output does not exist: {out_dir}\n")

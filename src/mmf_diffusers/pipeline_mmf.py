@@ -20,7 +20,6 @@ import os
 import sys
 from typing import List, Optional, Tuple, Union
 
-import numpy as np
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
 from diffusers.utils import logging
