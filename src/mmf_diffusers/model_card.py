@@ -24,6 +24,7 @@ from .pipeline_mmf import PACKAGE_LAYOUT_KEY
 #: the "Use this model" snippet.
 TAGS = ["mmf", "meanflow", "unconditional-image-generation"]
 PIPELINE_TAG = "unconditional-image-generation"
+CONDITIONAL_TAGS = ["mmf", "meanflow", "class-conditional-image-generation"]
 #: The same for a trajectory pipeline. The Hub accepts only its own task names and has none for generating time series;
 #: "time-series-forecasting" is the nearest (given a start state the pipeline samples futures from it).
 TRAJECTORY_TAGS = ["mmf", "meanflow", "time-series", "trajectory-generation"]
@@ -38,6 +39,7 @@ INFO_KEYS = (
     "command",
     "steps",
     "curriculum",
+    "conditioning",
     "loss",
     "dataset",
     "wall_time_s",
@@ -148,11 +150,13 @@ def model_card_text(
     repo_id = info.get("repo_id") or REPO_PLACEHOLDER
     pipeline_config = pipeline_config or {}
     trajectories = pipeline_class_name(pipeline_config) == TRAJECTORY_PIPELINE
+    conditioner_entry = pipeline_config.get("conditioner")
+    class_conditional = isinstance(conditioner_entry, list) and bool(conditioner_entry) and conditioner_entry[0] is not None
 
     data = ModelCardData(
         library_name="diffusers",
         license=info.get("license"),
-        tags=list(TRAJECTORY_TAGS if trajectories else TAGS),
+        tags=list(TRAJECTORY_TAGS if trajectories else CONDITIONAL_TAGS if class_conditional else TAGS),
         pipeline_tag=TRAJECTORY_PIPELINE_TAG if trajectories else PIPELINE_TAG,
     )
     if trajectories:
@@ -164,6 +168,12 @@ def model_card_text(
             "the UNet predicts the average velocity `u(z_t, r, t)` between two times (t = 0 data, t = 1 noise), so "
             "one network evaluation turns noise into an image, `x = z_1 - u(z_1, 0, 1)`; more steps are optional."
         )
+        if class_conditional:
+            description = description.replace("An unconditional", "A class-conditional") + (
+                " Give `class_labels` (ids or names, one for all images or one per image); classifier-free guidance "
+                "was folded into training as the table below says, so guided samples still take one evaluation, and "
+                "`guidance_scale` adds sampling-time guidance (two evaluations per step)."
+            )
     lines = [f"# {info.get('title') or title}", "", info.get("description") or description, ""]
 
     if info.get("sample_grid") and trajectories:
@@ -175,6 +185,7 @@ def model_card_text(
     training = [
         ("steps", info.get("steps")),
         ("curriculum", info.get("curriculum")),
+        ("conditioning", info.get("conditioning")),
         ("loss", info.get("loss")),
         ("dataset", info.get("dataset")),
         ("wall time", _format_duration(info["wall_time_s"]) if info.get("wall_time_s") is not None else None),
@@ -200,6 +211,8 @@ def model_card_text(
         extra = ["futures = pipe(num_samples=8, start_state=x[0, :, 0]).trajectories  # all start at x[0, :, 0]"]
     else:
         cls, sample, what = "MMFPipeline", "images = pipe(num_images=16, generator=generator).images", "images"
+        if class_conditional:
+            sample = "images = pipe(num_images=16, class_labels=pipe.class_names[0], generator=generator).images"
         extra = []
     lines += [
         "## How to load",

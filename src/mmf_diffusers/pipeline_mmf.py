@@ -56,20 +56,27 @@ def unet_average_velocity(
     t: torch.Tensor,
     time_scale: float = DEFAULT_TIME_SCALE,
     second_time: str = "h",
+    conditioner: Optional[torch.nn.Module] = None,
+    class_labels: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Evaluate the average velocity ``u(z, r, t)`` with a stock two-time `UNet2DModel`.
+    """Evaluate the average velocity ``u(z, r, t)`` (or ``u(z, r, t | c)``) with a stock `UNet2DModel`.
 
-    This is the one place where ``(z, r, t)`` is mapped to the UNet's inputs. The UNet must have been built with
-    ``class_embed_type="timestep"``: its ``class_labels`` input goes through the same sinusoidal projection as the
-    timestep, followed by its own MLP, and the two embeddings are summed.
+    This is the one place where ``(z, r, t[, c])`` is mapped to the UNet's inputs. Unconditional: the UNet was built
+    with ``class_embed_type="timestep"``, so its ``class_labels`` input (the second time) goes through the same
+    sinusoidal projection as the timestep, followed by its own MLP, and the two embeddings are summed.
+    Class-conditional: the UNet has ``class_embed_type="identity"`` and ``conditioner`` (an ``MMFConditioner``) turns
+    the second time and the label ids into the vector the UNet adds to its time embedding.
 
     Args:
-        unet: a UNet2DModel with ``class_embed_type="timestep"``.
+        unet: a UNet2DModel with ``class_embed_type="timestep"`` (or ``"identity"`` with a ``conditioner``).
         z: noisy sample ``z_t``, shape ``(B, C, H, W)``.
         r: start of the interval, shape ``(B,)``, float, in ``[0, 1]``.
         t: end of the interval (current time), shape ``(B,)``, float, in ``[0, 1]``, ``r <= t``.
         time_scale: the UNet sees ``time_scale * t`` and ``time_scale * (second time)``.
         second_time: ``"h"`` feeds ``h = t - r``; ``"r"`` feeds ``r``.
+        conditioner: the ``MMFConditioner`` of a class-conditional model, else ``None``.
+        class_labels: long ``(B,)`` label ids for the conditioner (``conditioner.null_label`` is "no label";
+            ``None`` means "no label" for every row). Only with a ``conditioner``.
 
     Returns:
         ``u``, shape ``(B, C, H, W)``, in the UNet's dtype.
@@ -81,7 +88,14 @@ def unet_average_velocity(
     else:
         raise ValueError(f"second_time must be one of {SECOND_TIME_CHOICES}, got {second_time!r}")
     # Float tensors of shape (B,): a Python float timestep would be truncated to an int by UNet2DModel.
-    return unet(z, t * time_scale, class_labels=second * time_scale).sample
+    if conditioner is None:
+        if class_labels is not None:
+            raise ValueError("class_labels were given but the model is unconditional (it has no conditioner)")
+        return unet(z, t * time_scale, class_labels=second * time_scale).sample
+    if class_labels is None:
+        class_labels = torch.full(t.shape, conditioner.null_label, dtype=torch.long, device=t.device)
+    embedding = conditioner(second * time_scale, class_labels)
+    return unet(z, t * time_scale, class_labels=embedding).sample
 
 
 def _cast_to_weight_dtype(module: torch.nn.Module, args: tuple) -> tuple:
@@ -105,15 +119,19 @@ def install_class_embedding_cast(unet: UNet2DModel) -> None:
 
 class MMFPipeline(DiffusionPipeline):
     r"""
-    Pipeline for unconditional image generation with a Modular MeanFlow (MMF) model in one or a few steps.
+    Pipeline for image generation with a Modular MeanFlow (MMF) model in one or a few steps, unconditional or
+    class-conditional (with classifier-free guidance folded into training, or applied at sampling time).
 
     The UNet predicts the average velocity ``u(z_t, r, t)`` between times ``r <= t`` (``t = 0`` data, ``t = 1``
     noise); one step maps noise to an image as ``x = z_1 - u(z_1, 0, 1)``, and ``N`` steps follow the grid of the
     scheduler from 1 down to 0.
 
     Args:
-        unet ([`UNet2DModel`]): a two-time UNet (``class_embed_type="timestep"``) predicting ``u``.
+        unet ([`UNet2DModel`]): a two-time UNet predicting ``u``: ``class_embed_type="timestep"`` for an
+            unconditional model, ``"identity"`` for a class-conditional one (fed by ``conditioner``).
         scheduler ([`MMFScheduler`] or [`FlowMapEulerDiscreteScheduler`]): applies ``z_r = z_t - (t - r) u``.
+        conditioner ([`MMFConditioner`], *optional*): embeds the second time and a class label for a class-conditional
+            UNet; it keeps the class names. ``None`` (the default) for an unconditional model.
         time_scale (`float`): scale of both times at the UNet's input; saved in ``model_index.json`` so that sampling
             always uses the mapping the model was trained with.
         second_time (`str`): ``"h"`` (the UNet's second time is ``t - r``) or ``"r"``.
@@ -125,15 +143,18 @@ class MMFPipeline(DiffusionPipeline):
         >>> pipe = MMFPipeline.from_pretrained("pipelines/mmf-mnist")
         >>> images = pipe(num_images=8, generator=torch.Generator().manual_seed(0)).images  # one network call
         >>> images = pipe(num_images=8, num_inference_steps=2).images  # two calls
+        >>> eights = pipe(num_images=8, class_labels=8 * [8]).images  # class-conditional model: eights, one call
         ```
     """
 
-    model_cpu_offload_seq = "unet"
+    model_cpu_offload_seq = "conditioner->unet"
+    _optional_components = ["conditioner"]
 
     def __init__(
         self,
         unet: UNet2DModel,
         scheduler,
+        conditioner=None,
         time_scale: float = DEFAULT_TIME_SCALE,
         second_time: str = "h",
     ):
@@ -147,26 +168,72 @@ class MMFPipeline(DiffusionPipeline):
             or time_scale <= 0
         ):
             raise ValueError(f"time_scale must be a positive finite number, got {time_scale!r}")
-        if getattr(unet.config, "class_embed_type", None) != "timestep":
+        embed_type = getattr(unet.config, "class_embed_type", None)
+        if conditioner is None and embed_type != "timestep":
             raise ValueError(
                 "MMFPipeline needs a two-time UNet2DModel built with class_embed_type='timestep' "
-                f"(got class_embed_type={getattr(unet.config, 'class_embed_type', None)!r}); "
-                "see mmf_diffusers.build_mmf_unet."
+                f"(got class_embed_type={embed_type!r}); see mmf_diffusers.build_mmf_unet. A class-conditional UNet "
+                "(class_embed_type='identity') needs its conditioner."
             )
+        if conditioner is not None:
+            if embed_type != "identity":
+                raise ValueError(
+                    "A conditioner feeds a UNet2DModel built with class_embed_type='identity', got "
+                    f"{embed_type!r}; see mmf_diffusers.build_mmf_unet(num_classes=...)."
+                )
+            if not all(hasattr(conditioner, name) for name in ("label_ids", "null_label", "class_names")):
+                raise ValueError(f"conditioner must be an MMFConditioner, got {type(conditioner).__name__}")
+            unet_width = 4 * unet.config.block_out_channels[0]
+            if conditioner.config.time_embed_dim != unet_width:
+                raise ValueError(
+                    f"The conditioner makes {conditioner.config.time_embed_dim}-dim embeddings but the UNet's time "
+                    f"embedding has {unet_width}"
+                )
         if getattr(unet.config, "time_embedding_type", "positional") != "positional":
             raise ValueError(
                 f"time_embedding_type={unet.config.time_embedding_type!r} is not supported: MMF needs 'positional' "
                 "(Fourier features take log(t) and fail at t = 0 or h = 0)."
             )
         install_class_embedding_cast(unet)
-        self.register_modules(unet=unet, scheduler=scheduler)
+        self.register_modules(unet=unet, scheduler=scheduler, conditioner=conditioner)
         self.register_to_config(time_scale=float(time_scale), second_time=second_time)
 
-    def average_velocity(self, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """``u(z, r, t)`` with this pipeline's time mapping; ``r`` and ``t`` of shape ``(B,)`` in ``[0, 1]``."""
+    @property
+    def is_class_conditional(self) -> bool:
+        """Whether the model takes class labels (it has a conditioner)."""
+        return getattr(self, "conditioner", None) is not None
+
+    @property
+    def class_names(self) -> Optional[List[str]]:
+        """The class names of a class-conditional model (index = class id), else ``None``."""
+        return self.conditioner.class_names if self.is_class_conditional else None
+
+    def average_velocity(
+        self, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor, class_labels: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """``u(z, r, t [| c])`` with this pipeline's time mapping; ``r`` and ``t`` of shape ``(B,)`` in ``[0, 1]``;
+        ``class_labels`` long ``(B,)`` ids (class-conditional models only; ``None`` is "no label")."""
         return unet_average_velocity(
-            self.unet, z, r, t, time_scale=self.config.time_scale, second_time=self.config.second_time
+            self.unet, z, r, t, time_scale=self.config.time_scale, second_time=self.config.second_time,
+            conditioner=getattr(self, "conditioner", None), class_labels=class_labels,
         )
+
+    def guided_average_velocity(
+        self, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor, guidance_scale: float
+    ) -> torch.Tensor:
+        """Classifier-free guidance at sampling time: ``u_none + guidance_scale * (u_c - u_none)``.
+
+        Both branches go through the UNet as one batch of ``2B`` (two network evaluations' worth of work). Rows whose
+        label is already "no label" get their unconditional velocity. A model trained with guidance (``guidance_w``,
+        ``guidance_kappa`` in the conditioner's config) has scale ``s = w / (1 - kappa)`` built in; this multiplies on
+        top of it for the instantaneous velocity, so ``guidance_scale = 1 / s`` approximately undoes it.
+        """
+        null = torch.full_like(class_labels, self.conditioner.null_label)
+        both = self.average_velocity(
+            torch.cat([z, z]), torch.cat([r, r]), torch.cat([t, t]), torch.cat([class_labels, null])
+        )
+        u_cond, u_none = both.chunk(2)
+        return u_none + guidance_scale * (u_cond - u_none)
 
     # Hub support. diffusers' own download step rejects a repository whose components live in a pip package, and a
     # repository in the remote-code layout would otherwise run its copied files instead of the installed classes.
@@ -244,6 +311,8 @@ class MMFPipeline(DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         batch_size: Optional[int] = None,
+        class_labels=None,
+        guidance_scale: Optional[float] = None,
     ) -> Union[ImagePipelineOutput, Tuple]:
         r"""
         Generate images.
@@ -257,6 +326,13 @@ class MMFPipeline(DiffusionPipeline):
             output_type (`str`): ``"pil"``, ``"np"`` (float array ``(B, H, W, C)`` in ``[0, 1]``) or ``"pt"``
                 (float tensor ``(B, C, H, W)`` in ``[0, 1]``).
             return_dict (`bool`): return an [`ImagePipelineOutput`] instead of a 1-tuple.
+            class_labels (class-conditional models only): one label for all images or one per image; class ids
+                (``int``) or names (``str``, see `class_names`), as a list or a 1-D integer tensor. ``None`` samples
+                with the "no label" token (the model's unconditional distribution).
+            guidance_scale (`float`, *optional*): classifier-free guidance at sampling time,
+                ``u = u_none + guidance_scale * (u_c - u_none)``: two network evaluations per step. ``None`` (the
+                default) is one evaluation of the conditional model, which is already guided when it was trained with
+                guidance. Needs a class-conditional model and ``class_labels``.
 
         Returns:
             [`ImagePipelineOutput`] or `tuple` with the images.
@@ -273,6 +349,21 @@ class MMFPipeline(DiffusionPipeline):
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if isinstance(generator, list) and len(generator) != count:
             raise ValueError(f"Got a list of {len(generator)} generators for {count} images; give one per image")
+        if not self.is_class_conditional and (class_labels is not None or guidance_scale is not None):
+            given = "class_labels" if class_labels is not None else "guidance_scale"
+            raise ValueError(f"`{given}` was given, but this model is unconditional (it has no conditioner)")
+        labels = None
+        if self.is_class_conditional:
+            labels = self.conditioner.label_ids(class_labels, count, device=self._execution_device)
+        if guidance_scale is not None:
+            if (
+                isinstance(guidance_scale, bool)
+                or not isinstance(guidance_scale, numbers.Real)
+                or not math.isfinite(guidance_scale)
+            ):
+                raise ValueError(f"`guidance_scale` must be a finite number, got {guidance_scale!r}")
+            if class_labels is None:
+                raise ValueError("`guidance_scale` needs `class_labels` (guidance pulls towards a class)")
 
         sample_size = self.unet.config.sample_size
         if isinstance(sample_size, int):
@@ -295,7 +386,10 @@ class MMFPipeline(DiffusionPipeline):
         for i, timestep in enumerate(self.progress_bar(self.scheduler.timesteps)):
             t = sigmas[i].to(dtype=torch.float32).expand(count)
             r = sigmas[i + 1].to(dtype=torch.float32).expand(count)
-            u = self.average_velocity(latents, r, t)
+            if guidance_scale is None:
+                u = self.average_velocity(latents, r, t, labels)
+            else:
+                u = self.guided_average_velocity(latents, r, t, labels, float(guidance_scale))
             latents = self.scheduler.step(u, timestep, latents).prev_sample
 
         # 3. post-process: the model works in [-1, 1]

@@ -12,13 +12,14 @@ attention output. `ForwardADAttnProcessor` forces the math SDPA backend and retu
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 from diffusers import UNet2DModel
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .conditioning_mmf import MMFConditioner
 from .pipeline_mmf import DEFAULT_TIME_SCALE, install_class_embedding_cast, unet_average_velocity
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -58,14 +59,17 @@ def prepare_unet_for_mmf(unet: UNet2DModel) -> UNet2DModel:
     """Check that ``unet`` can serve as a two-time MMF backbone and make it ready for training.
 
     Raises a ValueError for a UNet without the second-time slot or with Fourier time features (they take
-    ``log(t)`` and divide by ``t``, so ``t = 0`` or ``h = 0`` breaks). Installs `ForwardADAttnProcessor` and the
-    class-embedding dtype cast (see `install_class_embedding_cast`). Returns the same module.
+    ``log(t)`` and divide by ``t``, so ``t = 0`` or ``h = 0`` breaks). The slot is ``class_embed_type="timestep"``
+    (unconditional) or ``"identity"`` (class-conditional, fed by an `MMFConditioner`). Installs
+    `ForwardADAttnProcessor` and the class-embedding dtype cast (see `install_class_embedding_cast`). Returns the same
+    module.
     """
     config = unet.config
-    if config.class_embed_type != "timestep":
+    if config.class_embed_type not in ("timestep", "identity"):
         raise ValueError(
-            "An MMF UNet2DModel needs class_embed_type='timestep' to carry the second time "
-            f"(got {config.class_embed_type!r}); build one with build_mmf_unet or add_second_time_embedding."
+            "An MMF UNet2DModel needs class_embed_type='timestep' to carry the second time, or 'identity' for a "
+            f"class-conditional model (got {config.class_embed_type!r}); build one with build_mmf_unet or "
+            "add_second_time_embedding."
         )
     if config.time_embedding_type != "positional":
         raise ValueError(
@@ -157,15 +161,71 @@ def add_second_time_embedding(unet: UNet2DModel) -> UNet2DModel:
     return prepare_unet_for_mmf(new)
 
 
+def add_class_conditioning(
+    unet: UNet2DModel,
+    num_classes: int,
+    class_names: Optional[Sequence[str]] = None,
+) -> Tuple[UNet2DModel, MMFConditioner]:
+    """Turn an unconditional two-time MMF UNet into a class-conditional one, keeping what it has learned.
+
+    Returns ``(unet, conditioner)``: a new UNet2DModel with ``class_embed_type="identity"`` carrying every weight of
+    ``unet`` except its second-time MLP, which moves into the `MMFConditioner` unchanged. The conditioner's label
+    embedding starts at zero, so the pair computes exactly what ``unet`` computed for every label (including the
+    "no label" token) until training moves it. A fresh class-conditional model is
+    ``add_class_conditioning(build_mmf_unet(...), num_classes)``.
+    """
+    config = dict(unet.config)
+    if config.get("class_embed_type") != "timestep":
+        raise ValueError(
+            "add_class_conditioning takes an unconditional two-time UNet (class_embed_type='timestep'), got "
+            f"{config.get('class_embed_type')!r}"
+        )
+    if config.get("time_embedding_type") != "positional":
+        raise ValueError(f"time_embedding_type must be 'positional', got {config.get('time_embedding_type')!r}")
+    conditioner = MMFConditioner(
+        num_classes=num_classes,
+        time_embed_dim=unet.class_embedding.linear_1.out_features,
+        projection_dim=unet.class_embedding.linear_1.in_features,
+        flip_sin_to_cos=config["flip_sin_to_cos"],
+        freq_shift=config["freq_shift"],
+        class_names=list(class_names) if class_names is not None else None,
+    ).to(device=unet.device)
+    if unet.dtype != conditioner.dtype:
+        conditioner = conditioner.to(dtype=unet.dtype)
+    conditioner.time_embedding.load_state_dict(unet.class_embedding.state_dict())
+    with torch.no_grad():
+        conditioner.label_embedding.weight.zero_()
+
+    config.pop("_use_default_values", None)
+    config["class_embed_type"] = "identity"
+    new = UNet2DModel.from_config(config).to(device=unet.device)
+    if new.dtype != unet.dtype:
+        new = new.to(dtype=unet.dtype)
+    state = {k: v for k, v in unet.state_dict().items() if not k.startswith("class_embedding.")}
+    missing, unexpected = new.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"Could not carry weights over: missing={missing}, unexpected={unexpected}")
+    return prepare_unet_for_mmf(new), conditioner
+
+
 def unet_model_fn(
-    unet: torch.nn.Module, time_scale: float = DEFAULT_TIME_SCALE, second_time: str = "h"
+    unet: torch.nn.Module,
+    time_scale: float = DEFAULT_TIME_SCALE,
+    second_time: str = "h",
+    conditioner: Optional[torch.nn.Module] = None,
 ) -> ModelFn:
-    """Return ``model_fn(z, r, t) -> u`` for `ModularMeanFlowLoss`, using the same time mapping as `MMFPipeline`.
+    """Return ``model_fn(z, r, t, class_labels=None) -> u`` for `ModularMeanFlowLoss`, using the same mapping as
+    `MMFPipeline` (``class_labels`` only with a ``conditioner``: long ``(B,)`` ids, ``None`` is "no label").
 
     ``unet`` may be wrapped (e.g. by ``accelerator.prepare``); the wrapper's forward is called.
     """
 
-    def model_fn(z: torch.Tensor, r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return unet_average_velocity(unet, z, r, t, time_scale=time_scale, second_time=second_time)
+    def model_fn(
+        z: torch.Tensor, r: torch.Tensor, t: torch.Tensor, class_labels: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        return unet_average_velocity(
+            unet, z, r, t, time_scale=time_scale, second_time=second_time,
+            conditioner=conditioner, class_labels=class_labels,
+        )
 
     return model_fn
