@@ -39,7 +39,15 @@ from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.errors import RepositoryNotFoundError
 
 import mmf_diffusers
-from mmf_diffusers import MMFPipeline, MMFScheduler, MMFTrajectoryPipeline, build_mmf_unet, build_mmf_unet1d
+from mmf_diffusers import (
+    MMFConditioner,
+    MMFPipeline,
+    MMFScheduler,
+    MMFTrajectoryPipeline,
+    add_class_conditioning,
+    build_mmf_unet,
+    build_mmf_unet1d,
+)
 from mmf_diffusers.hub import (
     add_remote_code,
     check_hub_auth,
@@ -373,9 +381,10 @@ def test_add_remote_code_refuses_a_module_that_is_not_self_contained(tmp_path, m
     module.write_text("from .unet import build_mmf_unet\n")
     with pytest.raises(ValueError, match="relative import"):
         hub_module._check_self_contained(str(module))
-    # The two files that do ship must stay self-contained.
+    # The files that do ship must stay self-contained.
     hub_module._check_self_contained(mmf_diffusers.pipeline_mmf.__file__)
     hub_module._check_self_contained(mmf_diffusers.scheduling_mmf.__file__)
+    hub_module._check_self_contained(mmf_diffusers.conditioning_mmf.__file__)
 
 
 def test_diffusers_scheduler_needs_no_remote_code(tmp_path):
@@ -389,6 +398,214 @@ def test_diffusers_scheduler_needs_no_remote_code(tmp_path):
     assert index["scheduler"] == ["diffusers", "FlowMapEulerDiscreteScheduler"]
     assert not os.path.exists(os.path.join(folder, "scheduler", "scheduling_mmf.py"))
     assert type(MMFPipeline.from_pretrained(folder).scheduler) is FlowMapEulerDiscreteScheduler
+
+
+# ---------------------------------------------------------------------------------------------------- class-conditional
+CONDITIONAL_REPOS = {  # how each was pushed -> repo id
+    "push_pipeline_folder": f"{USER}/mmf-tiny-conditional",
+    "push_to_hub": f"{USER}/mmf-tiny-conditional-push-to-hub",
+}
+CONDITIONAL_NAMES = ["zero", "one", "two"]
+
+
+def tiny_conditional_pipeline(seed: int = 0) -> MMFPipeline:
+    """The tiny UNet made class-conditional, with a random label embedding and a training-time guidance record."""
+    torch.manual_seed(seed)
+    unet = build_mmf_unet(sample_size=8, in_channels=1, block_out_channels=(8, 16), norm_num_groups=4)
+    unet, conditioner = add_class_conditioning(unet, len(CONDITIONAL_NAMES), CONDITIONAL_NAMES)
+    with torch.no_grad():
+        conditioner.label_embedding.weight.normal_(generator=seeded(1))
+    conditioner.register_to_config(guidance_w=1.5, guidance_kappa=0.25)
+    for module in unet.modules():  # the processor a loaded UNet2DModel gets
+        if isinstance(module, Attention):
+            module.set_processor(AttnProcessor2_0())
+    pipe = MMFPipeline(unet.eval(), MMFScheduler(), conditioner=conditioner.eval())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def conditional_samples(pipe):
+    """Labels by name (one per image; one for all over two steps), sampling-time guidance, and no label, seeded; the
+    loading subprocesses run this same code."""
+    pipe.set_progress_bar_config(disable=True)
+
+    def run(**kwargs):
+        return pipe(num_images=3, generator=torch.Generator().manual_seed(0), output_type="np", **kwargs).images
+
+    return np.stack([
+        run(class_labels=["two", "zero", "one"]),
+        run(class_labels="one", num_inference_steps=2),
+        run(class_labels=["two", "zero", "one"], guidance_scale=2.0),
+        run(),
+    ])
+
+
+def conditional_report(pipe):
+    """What a loaded pipeline says about itself: classes, labels and guidance record."""
+    return {
+        "pipeline": type(pipe).__module__,
+        "conditioner": type(pipe.conditioner).__module__,
+        "scheduler": type(pipe.scheduler).__module__,
+        "class_names": list(pipe.class_names),
+        "guidance": [pipe.conditioner.config.guidance_w, pipe.conditioner.config.guidance_kappa],
+    }
+
+
+CONDITIONAL_CODE = inspect.getsource(conditional_samples) + inspect.getsource(conditional_report)
+
+
+def read_report(pushed, name):
+    with open(os.path.join(pushed["work"], name)) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def pushed_conditional(hub, tmp_path_factory):
+    """A tiny class-conditional pipeline pushed with push_pipeline_folder and with push_to_hub, then loaded from both
+    repositories (and the pushed local folder) in two subprocesses, one without mmf_diffusers."""
+    work = str(tmp_path_factory.mktemp("hub_conditional"))
+    pipe = tiny_conditional_pipeline()
+    reference = conditional_samples(pipe)
+    folder = os.path.join(work, "pipeline")
+    pipe.save_pretrained(folder)
+    with captured_everything() as texts:
+        push_pipeline_folder(folder, CONDITIONAL_REPOS["push_pipeline_folder"], token=TOKEN, endpoint=hub.url)
+    repos = dict(CONDITIONAL_REPOS)
+    with_package = run_script(
+        CONDITIONAL_CODE
+        + textwrap.dedent(f"""
+        import json
+        import numpy as np
+        import torch
+        from mmf_diffusers import MMFPipeline
+        from mmf_diffusers.hub import load_pipeline
+
+        MMFPipeline.from_pretrained({folder!r}).push_to_hub({repos["push_to_hub"]!r}, token={TOKEN!r})
+        report = {{}}
+        for name, repo in {repos!r}.items():
+            pipe = MMFPipeline.from_pretrained(repo)
+            np.save(name + "_package.npy", conditional_samples(pipe))
+            report[name] = conditional_report(pipe)
+        pipe = load_pipeline({repos["push_pipeline_folder"]!r})
+        np.save("load_pipeline.npy", conditional_samples(pipe))
+        report["load_pipeline"] = conditional_report(pipe)
+        json.dump(report, open("package_report.json", "w"))
+        """),
+        hub_env(hub, work),
+        work,
+    )
+    repos["local"] = folder
+    without_package = run_script(
+        CONDITIONAL_CODE
+        + textwrap.dedent(f"""
+        import importlib.abc, sys
+
+        class BlockMMF(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "mmf_diffusers":
+                    raise ModuleNotFoundError("No module named 'mmf_diffusers' (blocked by the test)")
+
+        sys.meta_path.insert(0, BlockMMF())
+        import json
+        import numpy as np
+        import torch
+        from diffusers import DiffusionPipeline
+
+        report = {{}}
+        for name, repo in {repos!r}.items():
+            pipe = DiffusionPipeline.from_pretrained(repo, trust_remote_code=True)
+            np.save(name + "_remote_code.npy", conditional_samples(pipe))
+            report[name] = conditional_report(pipe)
+        report["mmf_diffusers_imported"] = any(m.split(".")[0] == "mmf_diffusers" for m in sys.modules)
+        json.dump(report, open("remote_code_report.json", "w"))
+        """),
+        hub_env(hub, work, pythonpath=None),
+        work,
+    )
+    return {"work": work, "folder": folder, "reference": reference, "texts": texts + [with_package.stdout,
+            with_package.stderr], "loaders": [with_package, without_package]}
+
+
+def test_conditional_reference_depends_on_the_label(pushed_conditional):
+    # Otherwise the comparisons below would not show that labels and names survive the trip.
+    named, _, guided, unlabelled = pushed_conditional["reference"]
+    assert np.abs(named - unlabelled).max() > 0.01 and np.abs(guided - named).max() > 0.01
+
+
+def test_conditional_repos_load_with_mmf_pipeline_and_give_the_same_images(pushed_conditional):
+    report = read_report(pushed_conditional, "package_report.json")
+    for name in [*CONDITIONAL_REPOS, "load_pipeline"]:
+        assert report[name] == {
+            "pipeline": "mmf_diffusers.pipeline_mmf",
+            "conditioner": "mmf_diffusers.conditioning_mmf",
+            "scheduler": "mmf_diffusers.scheduling_mmf",
+            "class_names": CONDITIONAL_NAMES,
+            "guidance": [1.5, 0.25],
+        }, name
+        samples = load_npy(pushed_conditional, name if name == "load_pipeline" else f"{name}_package")
+        assert np.array_equal(samples, pushed_conditional["reference"]), name
+
+
+def test_conditional_repos_load_with_diffusers_alone_and_give_the_same_images(pushed_conditional):
+    report = read_report(pushed_conditional, "remote_code_report.json")
+    assert report["mmf_diffusers_imported"] is False
+    for name in [*CONDITIONAL_REPOS, "local"]:
+        entry = report[name]
+        assert entry["pipeline"].startswith("diffusers_modules.") and entry["pipeline"].endswith(".pipeline"), name
+        assert entry["conditioner"].startswith("diffusers_modules."), name
+        assert entry["conditioner"].endswith(".conditioning_mmf"), name
+        assert entry["scheduler"].endswith(".scheduling_mmf"), name
+        assert entry["class_names"] == CONDITIONAL_NAMES and entry["guidance"] == [1.5, 0.25], name
+        assert np.array_equal(load_npy(pushed_conditional, f"{name}_remote_code"), pushed_conditional["reference"])
+    assert "might require the following packages" not in pushed_conditional["loaders"][1].stderr
+
+
+def test_conditional_repository_layout(pushed_conditional, hub):
+    with open(mmf_diffusers.conditioning_mmf.__file__, "rb") as f:
+        conditioner_source = f.read()
+    with open(mmf_diffusers.pipeline_mmf.__file__, "rb") as f:
+        pipeline_source = f.read()
+    for how, repo_id in CONDITIONAL_REPOS.items():
+        files = hub.files(repo_id)
+        assert files["conditioner/conditioning_mmf.py"] == conditioner_source, how
+        assert files["pipeline.py"] == pipeline_source, how
+        assert "conditioner/diffusion_pytorch_model.safetensors" in files, how
+        config = json.loads(files["conditioner/config.json"])
+        assert config["_class_name"] == "MMFConditioner" and config["class_names"] == CONDITIONAL_NAMES, how
+        assert config["num_classes"] == 3 and config["guidance_w"] == 1.5 and config["guidance_kappa"] == 0.25, how
+        index = json.loads(files["model_index.json"])
+        assert index["_class_name"] == ["pipeline", "MMFPipeline"], how
+        assert index["conditioner"] == ["conditioning_mmf", "MMFConditioner"], how
+        assert index["unet"] == ["diffusers", "UNet2DModel"], how
+        assert index[PACKAGE_LAYOUT_KEY] == {
+            "_class_name": "MMFPipeline",
+            "conditioner": ["mmf_diffusers.conditioning_mmf", "MMFConditioner"],
+            "scheduler": ["mmf_diffusers.scheduling_mmf", "MMFScheduler"],
+        }, how
+    for text in pushed_conditional["texts"]:
+        assert_token_absent(text, "captured output or logs")
+    assert_folder_clean(pushed_conditional["folder"])
+    assert hub.unknown_requests == []
+
+
+def test_unconditional_folder_gets_no_conditioner_code(tmp_path, reference):
+    folder = str(tmp_path / "unconditional")
+    reference["pipe"].save_pretrained(folder)
+    index = add_remote_code(folder)
+    assert index.get("conditioner") in (None, [None, None])
+    assert "conditioner" not in index[PACKAGE_LAYOUT_KEY]
+    assert not os.path.exists(os.path.join(folder, "conditioner"))
+    assert MMFPipeline.from_pretrained(folder).conditioner is None
+
+
+def test_local_conditional_folder_loads_with_mmf_pipeline(tmp_path):
+    pipe = tiny_conditional_pipeline()
+    folder = str(tmp_path / "remote_code")
+    pipe.save_pretrained(folder)
+    add_remote_code(folder)
+    loaded = MMFPipeline.from_pretrained(folder)
+    assert type(loaded.conditioner) is MMFConditioner and loaded.class_names == CONDITIONAL_NAMES
+    assert np.array_equal(conditional_samples(loaded), conditional_samples(pipe))
 
 
 # ---------------------------------------------------------------------------------------------------- trajectories

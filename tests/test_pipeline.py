@@ -21,7 +21,14 @@ import pytest
 import torch
 from diffusers import FlowMapEulerDiscreteScheduler, ImagePipelineOutput, UNet2DModel
 
-from mmf_diffusers import MMFPipeline, MMFScheduler, build_mmf_unet, enable_forward_ad, unet_average_velocity
+from mmf_diffusers import (
+    MMFPipeline,
+    MMFScheduler,
+    add_class_conditioning,
+    build_mmf_unet,
+    enable_forward_ad,
+    unet_average_velocity,
+)
 
 SIZE = 8
 
@@ -489,7 +496,9 @@ def test_docstring_example_runs(tmp_path):
     # The example loads a pipeline from a local folder; point it at a tiny saved one.
     paths = re.findall(r"from_pretrained\(\"([^\"]+)\"\)", source)
     assert len(paths) == 1, source
-    make_pipeline().save_pretrained(tmp_path)
+    # The example's model is class-conditional (digits 0-9): a tiny one with ten classes.
+    unet, conditioner = add_class_conditioning(tiny_unet(), 10)
+    MMFPipeline(unet, MMFScheduler(), conditioner=conditioner).save_pretrained(tmp_path)
     source = source.replace(paths[0], str(tmp_path))
     namespace = {}
     exec(compile(source, "<MMFPipeline example>", "exec"), namespace)  # no names other than the example's own

@@ -89,11 +89,13 @@ class MMFConditioner(ModelMixin, ConfigMixin):
         """Turn what a user gives into a LongTensor of ``batch_size`` label ids.
 
         ``None`` is "no label" for every row; one int or name is used for every row; a list/tuple/1-D tensor must have
-        one entry per row. Strings are class names, integers are class ids; anything else, an unknown name or an id
+        one entry per row (a numpy array of ids works too). Strings are class names, integers are class ids; anything else, an unknown name or an id
         outside ``[0, num_classes)`` raises a ValueError that lists the valid labels.
         """
         if class_labels is None:
             return torch.full((batch_size,), self.null_label, dtype=torch.long, device=device)
+        if not torch.is_tensor(class_labels) and hasattr(class_labels, "dtype") and hasattr(class_labels, "shape"):
+            class_labels = torch.as_tensor(class_labels)  # a numpy array (or numpy integer) of ids
         if torch.is_tensor(class_labels):
             if class_labels.is_floating_point() or class_labels.is_complex() or class_labels.dtype == torch.bool:
                 raise ValueError(f"class_labels as a tensor must hold integer ids, got dtype {class_labels.dtype}")

@@ -179,11 +179,12 @@ class MMFPipeline(DiffusionPipeline):
             if embed_type != "identity":
                 raise ValueError(
                     "A conditioner feeds a UNet2DModel built with class_embed_type='identity', got "
-                    f"{embed_type!r}; see mmf_diffusers.build_mmf_unet(num_classes=...)."
+                    f"{embed_type!r}; see mmf_diffusers.add_class_conditioning."
                 )
             if not all(hasattr(conditioner, name) for name in ("label_ids", "null_label", "class_names")):
                 raise ValueError(f"conditioner must be an MMFConditioner, got {type(conditioner).__name__}")
-            unet_width = 4 * unet.config.block_out_channels[0]
+            # UNet2DModel's own rule for its time-embedding width.
+            unet_width = getattr(unet.config, "time_embedding_dim", None) or 4 * unet.config.block_out_channels[0]
             if conditioner.config.time_embed_dim != unet_width:
                 raise ValueError(
                     f"The conditioner makes {conditioner.config.time_embed_dim}-dim embeddings but the UNet's time "
