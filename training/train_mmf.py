@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train an unconditional Modular MeanFlow (MMF) image generator with Accelerate.
+"""Train a Modular MeanFlow (MMF) image generator, unconditional or class-conditional, with Accelerate.
 
     accelerate launch training/train_mmf.py --train_data_dir ./images --resolution 32 --output_dir mmf-out
     python training/train_mmf.py --dataset_name mnist-offline --resolution 28 --train_batch_size 64 ...
@@ -7,7 +7,11 @@
 The flags follow diffusers' ``examples/unconditional_image_generation/train_unconditional.py`` where the meaning
 is the same; MMF adds the curriculum (``--lam_*``), the loss (``--derivative``, ``--tangent``, ``--time_*``,
 ``--r_neq_t_fraction``, ``--adaptive_*``) and the two-time UNet (``--block_out_channels``, ``--pretrained_unet``,
-``--time_scale``, ``--second_time``). ``python training/train_mmf.py --help`` documents every flag.
+``--time_scale``, ``--second_time``). ``--class_conditional`` trains on the dataset's labels (a ``label`` column or
+``--label_column``, image-folder subfolder names, the digits of the offline sets) with the "no label" token
+(``--label_dropout``) and classifier-free guidance folded into the target (``--cfg_w``, ``--cfg_kappa``); the
+pipeline then has a ``conditioner`` component and takes ``class_labels``. ``python training/train_mmf.py --help``
+documents every flag.
 
 Conventions: ``t = 0`` is data, ``t = 1`` noise, ``0 <= r <= t <= 1``; the UNet predicts the average velocity
 ``u(z_t, r, t)`` and one step generates ``x = z_1 - u(z_1, 0, 1)``. Loss: `mmf_diffusers.ModularMeanFlowLoss`.
@@ -17,7 +21,8 @@ Data without a network: ``--dataset_name sklearn-digits`` (1797 8x8 digits shipp
 folder written by ``training/prepare_data.py``; see ``training/data.py``.
 
 Output (``--output_dir``):
-    model_index.json, unet/, scheduler/, README.md, sample_grid.png   the pipeline: MMFPipeline.from_pretrained(dir)
+    model_index.json, unet/, scheduler/, [conditioner/,] README.md, sample_grid.png
+                                                                      the pipeline: MMFPipeline.from_pretrained(dir)
                                                                       (EMA weights with --use_ema); refreshed at
                                                                       every checkpoint and at the end
     checkpoint-<step>/            accelerate state + curriculum, LR schedule, data position and RNG, EMA, and
