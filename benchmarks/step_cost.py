@@ -7,7 +7,10 @@ level, batch 64) this times a full optimiser step (loss, backward, Adam) for:
 * ``meanflow_published``: MeanFlow as published: du/dt by jvp under no_grad over the *whole* batch, then a
   separate forward + backward (``r_neq_t_fraction`` rows have r != t, the rest r = t, as in the paper);
 * ``mmf_<estimator>_lam<lam>``: our loss, which takes the derivative on the r != t rows only, for
-  ``estimator`` in {jvp, finite_difference} and lam in {0, 1}.
+  ``estimator`` in {jvp, finite_difference} and lam in {0, 1};
+* ``mmf_jvp_lam0_labels``: the same UNet made class-conditional (`add_class_conditioning`, 10 classes, 10% of labels
+  dropped), no guidance; ``mmf_jvp_lam0_cfg``: plus MeanFlow's training-time guidance (``w = 1, kappa = 0.5``):
+  two more no-grad forwards, ``u(z, t, t | c)`` and ``u(z, t, t | none)``, on the labelled rows.
 
 Each configuration runs in its own subprocess (so that peak memory, the max RSS, is its own), after warm-up
 steps, and the table gives the median step time, the ratio to flow matching, and the peak RSS.
@@ -33,13 +36,15 @@ CONFIGS = [
     "mmf_jvp_lam1",
     "mmf_finite_difference_lam0",
     "mmf_finite_difference_lam1",
+    "mmf_jvp_lam0_labels",
+    "mmf_jvp_lam0_cfg",
 ]
 
 
 def run_one(name: str, args) -> dict:
     import torch
 
-    from mmf_diffusers import ModularMeanFlowLoss, TimeSampler, build_mmf_unet, unet_model_fn
+    from mmf_diffusers import ModularMeanFlowLoss, TimeSampler, add_class_conditioning, build_mmf_unet, unet_model_fn
     from mmf_diffusers.derivatives import jvp_derivative
 
     torch.set_num_threads(args.threads)
@@ -47,13 +52,28 @@ def run_one(name: str, args) -> dict:
     unet = build_mmf_unet(
         sample_size=args.resolution, in_channels=1, block_out_channels=tuple(args.block_out_channels)
     )
-    model_fn = unet_model_fn(unet)
-    optimizer = torch.optim.Adam(unet.parameters(), lr=1e-4)
+    params = list(unet.parameters())
+    conditional = name.endswith(("_labels", "_cfg"))
+    if conditional:
+        unet, conditioner = add_class_conditioning(unet, 10)
+        params = list(unet.parameters()) + list(conditioner.parameters())
+        model_fn = unet_model_fn(unet, conditioner=conditioner)
+    else:
+        model_fn = unet_model_fn(unet)
+    optimizer = torch.optim.Adam(params, lr=1e-4)
     g = torch.Generator().manual_seed(0)
     fraction = 0.0 if name == "flow_matching" else args.r_neq_t_fraction
     sampler = TimeSampler("logit_normal", -0.4, 1.0, r_neq_t_fraction=fraction)
 
-    if name.startswith("mmf_"):
+    if conditional:
+        loss_fn = ModularMeanFlowLoss(sampler, guidance_w=1.0, guidance_kappa=0.5 if name.endswith("_cfg") else 0.0)
+
+        def step(x):
+            labels = torch.randint(0, 10, (x.shape[0],), generator=g)
+            labels = labels.masked_fill(torch.rand(x.shape[0], generator=g) < 0.1, 10)
+            return loss_fn(model_fn, x, 0.0, generator=g, class_labels=labels, null_label=10).loss
+
+    elif name.startswith("mmf_"):
         estimator, lam = name[4:].rsplit("_lam", 1)
         loss_fn = ModularMeanFlowLoss(sampler, derivative=estimator)
         lam = float(lam)
