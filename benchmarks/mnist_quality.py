@@ -136,11 +136,15 @@ def table(result: Dict) -> str:
     return "\n".join(lines)
 
 
-def plot(result: Dict, path: str) -> None:
-    import matplotlib
+def plot(result: Dict, path: str) -> Optional[str]:
+    """FD-MNISTCNN against NFE; returns ``path``, or None without matplotlib (optional)."""
+    try:
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for sampler, style in (("mmf", "o-"), ("euler", "s--")):
@@ -158,6 +162,7 @@ def plot(result: Dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return path
 
 
 def main(argv=None) -> int:
@@ -189,8 +194,7 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(result, f, indent=2)
-    png = args.png or os.path.splitext(args.json)[0] + ".png"
-    plot(result, png)
+    png = plot(result, args.png or os.path.splitext(args.json)[0] + ".png") or "no plot (matplotlib not installed)"
     print(table(result))
     print(f"MMF 1 step / best Euler (NFE {result['summary']['best_euler_nfe']}): "
           f"{result['summary']['ratio_mmf_1step_to_best_euler']:.2f}x in FD-MNISTCNN")
