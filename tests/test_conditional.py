@@ -709,3 +709,19 @@ def test_numpy_labels_are_ids():
     assert torch.equal(from_numpy, from_names)
     with pytest.raises(ValueError, match="integer ids"):
         pipe(num_images=2, class_labels=np.array([0.0, 1.0]))
+
+
+def test_label_init_std_gives_distinct_codes_and_keeps_everything_else():
+    original, _, _ = conditional_parts()
+    torch.manual_seed(1)
+    unet, conditioner = add_class_conditioning(original, 50, label_init_std=0.3)
+    weight = conditioner.label_embedding.weight
+    assert 0.27 < weight.std().item() < 0.33 and weight.shape[0] == 51
+    # the UNet and the second-time MLP are carried over exactly as with a zero start
+    for name, value in conditioner.time_embedding.state_dict().items():
+        assert torch.equal(value, original.class_embedding.state_dict()[name])
+    for name, value in unet.state_dict().items():
+        assert torch.equal(value, original.state_dict()[name])
+    for bad in (-0.1, math.nan, "1"):
+        with pytest.raises(ValueError, match="label_init_std"):
+            add_class_conditioning(original, 3, label_init_std=bad)

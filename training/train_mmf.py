@@ -161,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(1 - w - kappa) u(z,t,t|none) (model terms stop-gradient); the model learns guidance scale "
                         "w / (1 - kappa). w = 1, kappa = 0: no guidance.")
     g.add_argument("--cfg_kappa", type=_finite_float, default=0.0, help="kappa of --cfg_w's formula, in [0, 1).")
+    g.add_argument("--label_init_std", type=_finite_float, default=None,
+                   help="Std of the initial label embedding. Default: 0 with --pretrained_unet (the warm start then "
+                        "computes exactly what the unconditional UNet computed; labels are learned slowly), else 1 "
+                        "(nn.Embedding's init). A value like 0.3 gives a warm start distinct class codes at once.")
 
     g = parser.add_argument_group("MMF loss")
     g.add_argument("--derivative", choices=("jvp", "finite_difference"), default="jvp",
@@ -297,9 +301,12 @@ def validate_args(args: argparse.Namespace) -> None:
     need(0.0 <= args.label_dropout < 1.0, f"--label_dropout must be in [0, 1), got {args.label_dropout}")
     need(args.cfg_w > 0, f"--cfg_w must be positive, got {args.cfg_w}")
     need(0.0 <= args.cfg_kappa < 1.0, f"--cfg_kappa must be in [0, 1), got {args.cfg_kappa}")
+    need(args.label_init_std is None or args.label_init_std >= 0,
+         f"--label_init_std must be >= 0, got {args.label_init_std}")
     guided = args.cfg_w != 1.0 or args.cfg_kappa != 0.0
     if not args.class_conditional:
-        for flag, used in (("--label_column", args.label_column is not None), ("--cfg_w / --cfg_kappa", guided)):
+        for flag, used in (("--label_column", args.label_column is not None), ("--cfg_w / --cfg_kappa", guided),
+                           ("--label_init_std", args.label_init_std is not None)):
             need(not used, f"{flag} only applies with --class_conditional")
     else:
         need(args.modality != "trajectory", "--class_conditional applies to images, not --modality trajectory")
@@ -654,7 +661,9 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
     conditioner = None
     if args.class_conditional:
         # The second-time MLP moves into the conditioner unchanged (a warm start keeps its function exactly).
-        unet, conditioner = add_class_conditioning(unet, len(class_names), class_names)
+        if args.label_init_std is None:
+            args.label_init_std = 0.0 if args.pretrained_unet else 1.0
+        unet, conditioner = add_class_conditioning(unet, len(class_names), class_names, args.label_init_std)
         if args.cfg_w != 1.0 or args.cfg_kappa != 0.0:
             conditioner.register_to_config(guidance_w=args.cfg_w, guidance_kappa=args.cfg_kappa)
         conditioner.train()

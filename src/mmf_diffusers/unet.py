@@ -165,15 +165,21 @@ def add_class_conditioning(
     unet: UNet2DModel,
     num_classes: int,
     class_names: Optional[Sequence[str]] = None,
+    label_init_std: float = 0.0,
 ) -> Tuple[UNet2DModel, MMFConditioner]:
     """Turn an unconditional two-time MMF UNet into a class-conditional one, keeping what it has learned.
 
     Returns ``(unet, conditioner)``: a new UNet2DModel with ``class_embed_type="identity"`` carrying every weight of
-    ``unet`` except its second-time MLP, which moves into the `MMFConditioner` unchanged. The conditioner's label
-    embedding starts at zero, so the pair computes exactly what ``unet`` computed for every label (including the
-    "no label" token) until training moves it. A fresh class-conditional model is
-    ``add_class_conditioning(build_mmf_unet(...), num_classes)``.
+    ``unet`` except its second-time MLP, which moves into the `MMFConditioner` unchanged. With ``label_init_std = 0``
+    (the default) the label embedding starts at zero, so the pair computes exactly what ``unet`` computed for every
+    label (including the "no label" token) until training moves it. A positive value draws it from
+    ``N(0, label_init_std^2)`` instead: distinct codes per class from the start, which training picks up much
+    faster than it grows a zero embedding under Adam (whose steps are at most about the learning rate), at the price
+    of perturbing the warm start. A fresh class-conditional model is
+    ``add_class_conditioning(build_mmf_unet(...), num_classes, label_init_std=1.0)`` (nn.Embedding's own init).
     """
+    if isinstance(label_init_std, bool) or not isinstance(label_init_std, (int, float)) or not label_init_std >= 0:
+        raise ValueError(f"label_init_std must be a number >= 0, got {label_init_std!r}")
     config = dict(unet.config)
     if config.get("class_embed_type") != "timestep":
         raise ValueError(
@@ -194,7 +200,10 @@ def add_class_conditioning(
         conditioner = conditioner.to(dtype=unet.dtype)
     conditioner.time_embedding.load_state_dict(unet.class_embedding.state_dict())
     with torch.no_grad():
-        conditioner.label_embedding.weight.zero_()
+        if label_init_std > 0:
+            conditioner.label_embedding.weight.normal_(0.0, float(label_init_std))
+        else:
+            conditioner.label_embedding.weight.zero_()
 
     config.pop("_use_default_values", None)
     config["class_embed_type"] = "identity"
