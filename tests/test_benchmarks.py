@@ -97,7 +97,10 @@ def test_low_data_quick(tmp_path):
     assert {"jvp", "finite_difference", "jvp_over_finite_difference"} <= set(result["derivative_cost"])
     assert {"definition", "why"} <= set(result["shift_split"])
     refs = result["references"]
-    assert {"floor_quality", "floor_gap", "shift_real"} <= set(refs)
+    assert {"floor_quality", "floor_gap", "shift_real", "cross"} <= set(refs)
+    assert set(refs["cross"]) == {"mnist_1pct", "mnist_10pct", "mnist_100pct"}
+    for c in refs["cross"].values():
+        assert {"gap_heldout_real", "gap_memoriser", "nn_heldout_real"} <= set(c)
     assert {"thin_train", "all_train", "floor_thin", "floor_thick"} <= set(refs["shift_real"])
 
     models = result["models"]
@@ -114,6 +117,9 @@ def test_low_data_quick(tmp_path):
                     "shift_ratio_thick_over_thin", "mean_ink", "class_entropy", "class_counts"} <= set(row)
             assert {"mean_nn_train", "mean_nn_test", "frac_nearer_train", "reference_size"} <= set(row["nn"])
             assert row["gap"] == pytest.approx(row["fd_train_gap"] - row["fd_test_gap"])
+            assert set(row["cross"]) == {"mnist_1pct", "mnist_10pct", "mnist_100pct"}
+            for c in row["cross"].values():
+                assert {"fd_train_gap", "fd_test_gap", "gap", "frac_nearer_train"} <= set(c)
             assert sum(row["class_counts"]) == result["config"]["num_gen"]
     numbers = list(_finite_numbers(result))
     assert len(numbers) > 100

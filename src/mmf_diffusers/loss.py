@@ -120,6 +120,11 @@ class MMFLossOutput:
     stats: Dict[str, float] = field(default_factory=dict)
 
 
+def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-row boolean ``(B,)`` shaped to broadcast against ``like`` ``(B, ...)``."""
+    return mask.view((-1,) + (1,) * (like.dim() - 1))
+
+
 def _as_batch_times(name: str, value: torch.Tensor, batch_size: int, device) -> torch.Tensor:
     if not torch.is_tensor(value) or not value.is_floating_point():
         raise ValueError(f"`{name}` must be a float tensor of shape ({batch_size},)")
@@ -202,19 +207,27 @@ class ModularMeanFlowLoss:
         """``w / (1 - kappa)``: the guidance scale the model learns (1 is none)."""
         return self.guidance_w / (1.0 - self.guidance_kappa)
 
+    def guidance_mix(self, v: torch.Tensor, u_cond: torch.Tensor, u_none: torch.Tensor) -> torch.Tensor:
+        """``w v + kappa u_cond + (1 - w - kappa) u_none``; the caller passes the model terms without gradient."""
+        w, kappa = self.guidance_w, self.guidance_kappa
+        return w * v + kappa * u_cond + (1.0 - w - kappa) * u_none
+
     def guided_target(self, model_fn, z, t, v, class_labels, null_label):
-        """``v_tilde`` on the rows with a label, ``v`` on the rest; the model terms carry no gradient."""
+        """``v_tilde`` on the rows with a label, ``v`` on the rest; the model terms carry no gradient.
+
+        The definition, with two extra forwards per labelled row. `__call__` computes the same target with fewer: on
+        rows with ``r = t`` the term ``u(z_t, t, t | c)`` is the batch's own (detached) prediction.
+        """
         keep = (class_labels != null_label).nonzero().squeeze(1)
         if keep.numel() == 0 or not self.guided:
             return v
-        w, kappa = self.guidance_w, self.guidance_kappa
         z_k, t_k, c_k = z[keep], t[keep], class_labels[keep]
         with torch.no_grad():
             # Both model terms from one batch: labels, then "no label".
             both = model_fn(torch.cat([z_k, z_k]), torch.cat([t_k, t_k]), torch.cat([t_k, t_k]),
                             torch.cat([c_k, torch.full_like(c_k, null_label)]))
             u_cond, u_none = both.to(v.dtype).chunk(2)
-            v_tilde = w * v[keep] + kappa * u_cond + (1.0 - w - kappa) * u_none
+            v_tilde = self.guidance_mix(v[keep], u_cond, u_none)
         return v.index_copy(0, keep, v_tilde)
 
     def _time_derivative(self, model_fn, z, r, t, v, create_graph, u=None):
@@ -273,13 +286,42 @@ class ModularMeanFlowLoss:
         t_b, r_b = t.view(bshape).to(x.dtype), r.view(bshape).to(x.dtype)
         z = (1 - t_b) * x + t_b * noise
         v = noise - x
-        target = v if class_labels is None else self.guided_target(model_fn, z, t, v, class_labels, null_label)
 
         # Only rows with r != t need du/dt; the others are flow matching.
         neq = t > r
         idx = neq.nonzero().squeeze(1)
         rest = (~neq).nonzero().squeeze(1)
         dudt = torch.zeros_like(x)
+
+        # Training-time guidance needs u(z_t, t, t | none) (computed on every row: gathering the labelled ones is not
+        # worth it) and u(z_t, t, t | c) on the labelled rows; on
+        # rows with r = t the latter is the main prediction itself (detached below), so only the r != t rows need it
+        # here, and it doubles as their tangent with tangent="model". One no-grad batch computes what is needed.
+        guided = class_labels is not None and self.guided
+        keep = (class_labels != null_label) if guided else None
+        u_none = u_tt_d = None
+        if guided or (idx.numel() and self.tangent == "model"):
+            pieces = []  # (z, t, labels) blocks: "no label" on the labelled rows, then u(z, t, t | c) on r != t rows
+            if guided:
+                pieces.append((z, t, torch.full_like(class_labels, null_label)))
+            if idx.numel() and (guided or self.tangent == "model"):
+                pieces.append((z[idx], t[idx], None if class_labels is None else class_labels[idx]))
+            with torch.no_grad():
+                zs, ts = torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces])
+                if class_labels is None:
+                    out = model_fn(zs, ts, ts)
+                else:
+                    out = model_fn(zs, ts, ts, torch.cat([p[2] for p in pieces]))
+                out = out.to(v.dtype)
+            if guided:
+                u_none, out = out[:batch], out[batch:]
+            u_tt_d = out if idx.numel() and out.shape[0] else None
+
+        target = v
+        if guided and idx.numel():
+            # the r != t rows' target is needed before the derivative (it is their tangent when "conditional")
+            v_tilde_d = self.guidance_mix(v[idx], u_tt_d, u_none[idx])
+            target = v.index_copy(0, idx, torch.where(_rows(keep[idx], v), v_tilde_d, v[idx]))
 
         full_fn = rows_fn()
         if idx.numel() == 0:
@@ -288,8 +330,7 @@ class ModularMeanFlowLoss:
             fn_d = rows_fn(idx)
             z_d, r_d, t_d, v_d = z[idx], r[idx], t[idx], target[idx]
             if self.tangent == "model":
-                with torch.no_grad():
-                    v_d = fn_d(z_d, t_d, t_d)
+                v_d = u_tt_d
             if lam == 0.0:
                 # MeanFlow: the derivative is a constant target; u comes from one ordinary forward.
                 u = full_fn(z, r, t)
@@ -306,6 +347,12 @@ class ModularMeanFlowLoss:
                 u = full_fn(z, r, t)
                 _, dudt_d = self._time_derivative(fn_d, z_d, r_d, t_d, v_d, create_graph=True, u=u[idx])
             dudt = dudt.index_copy(0, idx, dudt_d.to(dudt.dtype))
+
+        if guided and rest.numel():
+            # r = t rows: u(z_t, t, t | c) is this batch's own prediction, without its gradient
+            u_rest = u[rest].detach().to(v.dtype)
+            v_tilde_rest = self.guidance_mix(v[rest], u_rest, u_none[rest])
+            target = target.index_copy(0, rest, torch.where(_rows(keep[rest], v), v_tilde_rest, v[rest]))
 
         h = (t_b - r_b)
         prediction = u + h * sg_lambda(dudt, lam)
