@@ -294,9 +294,9 @@ class ModularMeanFlowLoss:
         dudt = torch.zeros_like(x)
 
         # Training-time guidance needs u(z_t, t, t | none) (computed on every row: gathering the labelled ones is not
-        # worth it) and u(z_t, t, t | c) on the labelled rows; on
-        # rows with r = t the latter is the main prediction itself (detached below), so only the r != t rows need it
-        # here, and it doubles as their tangent with tangent="model". One no-grad batch computes what is needed.
+        # worth it) and u(z_t, t, t | c) on the labelled rows. On rows with r = t the latter is the main prediction
+        # itself (detached below), so only the r != t rows need it here, where it doubles as the tangent with
+        # tangent="model". One no-grad batch computes what is needed.
         guided = class_labels is not None and self.guided
         keep = (class_labels != null_label) if guided else None
         u_none = u_tt_d = None
