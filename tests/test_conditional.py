@@ -438,18 +438,19 @@ def test_guidance_scale_one_and_zero():
     assert (conditional - unconditional).abs().max() > 1e-2
     torch.testing.assert_close(
         pipe(latents=z, class_labels=["dog", "cat", "fox"], guidance_scale=1, output_type="pt").images,
-        conditional, atol=1e-6, rtol=0,
+        conditional, atol=1e-5, rtol=0,
     )
     torch.testing.assert_close(
         pipe(latents=z, class_labels=["dog", "cat", "fox"], guidance_scale=0.0, output_type="pt").images,
-        unconditional, atol=1e-6, rtol=0,
+        unconditional, atol=1e-5, rtol=0,
     )
-    # guided_average_velocity on rows that already have no label gives their unconditional velocity.
+    # guided_average_velocity on rows that already have no label gives their unconditional velocity (up to the
+    # rounding of a 2B batch against a B batch, times the scale: ~2e-6 with 2 threads).
     r, t = one_step(3)
     with torch.no_grad():
         u = pipe.guided_average_velocity(z, r, t, labels(NULL, 1, NULL), 3.0)
         u_none = pipe.average_velocity(z, r, t)
-    torch.testing.assert_close(u[[0, 2]], u_none[[0, 2]], atol=1e-6, rtol=0)
+    torch.testing.assert_close(u[[0, 2]], u_none[[0, 2]], atol=1e-5, rtol=0)
     assert (u[1] - u_none[1]).abs().max() > 1e-2
 
 
