@@ -73,6 +73,25 @@ TRAJECTORY_REPOS = {  # how each was pushed -> repo id
 SRC = os.path.dirname(os.path.dirname(os.path.abspath(mmf_diffusers.__file__)))
 SUBPROCESS_TIMEOUT = 240
 
+#: Goes first in a subprocess script that must run without mmf_diffusers: any import of it fails from then on, and
+#: the script stops if the block does not hold (the test would prove nothing).
+BLOCK_MMF_DIFFUSERS = textwrap.dedent('''
+    import importlib.abc, sys
+
+    class BlockMMF(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "mmf_diffusers":
+                raise ModuleNotFoundError("No module named 'mmf_diffusers' (blocked by the test)")
+
+    sys.meta_path.insert(0, BlockMMF())
+    try:
+        import mmf_diffusers
+    except ImportError:
+        pass
+    else:
+        raise SystemExit("mmf_diffusers is importable; the test would prove nothing")
+''')
+
 
 def seeded(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
@@ -239,22 +258,8 @@ def pushed(hub, reference, tmp_path_factory):
         work,
     )
     loaded_without_package = run_script(
-        f"""
-        import importlib.abc, sys
-
-        class BlockMMF(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] == "mmf_diffusers":
-                    raise ModuleNotFoundError("No module named 'mmf_diffusers' (blocked by the test)")
-
-        sys.meta_path.insert(0, BlockMMF())
-        try:
-            import mmf_diffusers
-        except ImportError:
-            pass
-        else:
-            raise SystemExit("mmf_diffusers is importable; the test would prove nothing")
-
+        BLOCK_MMF_DIFFUSERS
+        + textwrap.dedent(f"""
         import json
         import numpy as np
         import torch
@@ -273,7 +278,7 @@ def pushed(hub, reference, tmp_path_factory):
             report[name] = [type(pipe).__module__, type(pipe.scheduler).__module__]
         report["mmf_diffusers_imported"] = any(m.split(".")[0] == "mmf_diffusers" for m in sys.modules)
         json.dump(report, open("remote_code_report.json", "w"))
-        """,
+        """),
         hub_env(hub, work, pythonpath=None),
         work,
     )
@@ -496,16 +501,9 @@ def pushed_conditional(hub, tmp_path_factory):
     )
     repos["local"] = folder
     without_package = run_script(
-        CONDITIONAL_CODE
+        BLOCK_MMF_DIFFUSERS
+        + CONDITIONAL_CODE
         + textwrap.dedent(f"""
-        import importlib.abc, sys
-
-        class BlockMMF(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] == "mmf_diffusers":
-                    raise ModuleNotFoundError("No module named 'mmf_diffusers' (blocked by the test)")
-
-        sys.meta_path.insert(0, BlockMMF())
         import json
         import numpy as np
         import torch
@@ -675,16 +673,9 @@ def pushed_trajectories(hub, tmp_path_factory):
     )
     repos["local"] = folder
     without_package = run_script(
-        TRAJECTORY_SAMPLES
+        BLOCK_MMF_DIFFUSERS
+        + TRAJECTORY_SAMPLES
         + textwrap.dedent(f"""
-        import importlib.abc, sys
-
-        class BlockMMF(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] == "mmf_diffusers":
-                    raise ModuleNotFoundError("No module named 'mmf_diffusers' (blocked by the test)")
-
-        sys.meta_path.insert(0, BlockMMF())
         import json
         import numpy as np
         import torch
