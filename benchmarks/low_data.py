@@ -87,6 +87,8 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from run import fmt, table  # the suite's table cells (run.py imports only the standard library)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 DEFAULT_JSON = os.path.join(HERE, "results", "low_data.json")
@@ -105,23 +107,6 @@ PRESETS = {
     "loss_n": (100, 500),
     "timing_steps": (1, 3),
 }
-
-
-def fmt(x, digits=3):
-    if x is None:
-        return "-"
-    if isinstance(x, (float, np.floating)):
-        x = float(x)
-        if math.isnan(x):
-            return "nan"
-        return f"{x:.0f}" if abs(x) >= 10 ** digits else f"{x:.{digits}g}"
-    return str(x)
-
-
-def table(header, rows):
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    lines += ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- data and the shifted split

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import numbers
 import os
 import shlex
 import subprocess
@@ -50,9 +51,11 @@ PRESETS = {
 
 
 def fmt(x, digits=3):
+    """A table cell: None as "-", non-integer reals (numpy's included) to ``digits`` significant figures."""
     if x is None:
         return "-"
-    if isinstance(x, float):
+    if isinstance(x, numbers.Real) and not isinstance(x, numbers.Integral):
+        x = float(x)
         if math.isnan(x):
             return "nan"
         return f"{x:.0f}" if abs(x) >= 10 ** digits else f"{x:.{digits}g}"
