@@ -87,7 +87,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from run import fmt, table  # the suite's table cells (run.py imports only the standard library)
+from run import fmt, pyplot, table  # the suite's helpers (run.py imports only the standard library)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -579,12 +579,8 @@ def tables(result) -> str:
 
 
 def plot(result, grids, path) -> Optional[str]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     models = result["models"]
     refs = result["references"]

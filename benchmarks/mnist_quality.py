@@ -34,6 +34,7 @@ import torch
 from mmf_diffusers import MMFPipeline
 from mmf_diffusers.evaluation import Evaluator, cycled_labels, generate, inception_available
 from mmf_diffusers.offline_data import load_mnist
+from run import pyplot
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -138,12 +139,8 @@ def table(result: Dict) -> str:
 
 def plot(result: Dict, path: str) -> Optional[str]:
     """FD-MNISTCNN against NFE; returns ``path``, or None without matplotlib (optional)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
 
     fig, ax = plt.subplots(figsize=(6, 4))

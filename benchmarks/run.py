@@ -176,13 +176,22 @@ def bench_low_data_shift(args):
 
 # ---------------------------------------------------------------- plots (matplotlib is optional)
 
-def plot(name, result, out):
+def pyplot():
+    """``matplotlib.pyplot`` with the non-interactive Agg backend, or None where matplotlib is not installed (every
+    benchmark's plots are optional)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot(name, result, out):
+    plt = pyplot()
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
     if name == "training_cost":
