@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from mmf_diffusers import MMFPipeline
-from mmf_diffusers.evaluation import Evaluator, cycled_labels, generate, inception_available
+from mmf_diffusers.evaluation import Evaluator, generate, inception_available
+from mmf_diffusers.generate import cycled_labels
 from mmf_diffusers.offline_data import load_mnist
 from run import pyplot
 

@@ -632,6 +632,7 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
     from mmf_diffusers import (LambdaSchedule, MMFPipeline, MMFScheduler, ModularMeanFlowLoss, TimeSampler,
                                add_class_conditioning, add_second_time_embedding, build_mmf_unet, unet_model_fn)
     from mmf_diffusers.pipeline_mmf import DEFAULT_TIME_SCALE
+    from mmf_diffusers.generate import cycled_labels
 
     if args.time_scale is None:
         args.time_scale = DEFAULT_TIME_SCALE
@@ -788,7 +789,7 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
             # A class-conditional grid cycles through the classes: image i asks for class i mod K.
             labels = None
             if inner_conditioner is not None:
-                labels = [i % inner_conditioner.config.num_classes for i in range(args.num_sample_images)]
+                labels = cycled_labels(args.num_sample_images, inner_conditioner.config.num_classes)
             paths = {}
             for steps in (1, 2):
                 if modality is not None:

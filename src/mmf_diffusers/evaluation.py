@@ -60,6 +60,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from .generate import cycled_labels
+
 METRICS = ("fd-mnistcnn", "fid", "mmd-pixels", "swd-pixels", "digit-classes", "class-accuracy")
 METRIC_LABELS = {"fid": "FID", "fd-mnistcnn": "FD-MNISTCNN", "mmd-pixels": "MMD2-pixels",
                  "swd-pixels": "SWD-pixels", "digit-classes": "class-entropy", "class-accuracy": "class-accuracy"}
@@ -396,11 +398,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sampling-time classifier-free guidance (two network evaluations per step); default none: "
                              "one evaluation, guided already if the model was trained with guidance")
     return parser
-
-
-def cycled_labels(num_images: int, num_classes: int) -> List[int]:
-    """Class ``i mod num_classes`` for image ``i``: balanced classes, the same for every step count."""
-    return [i % num_classes for i in range(num_images)]
 
 
 def generate(pipe, num_images: int, steps: int, seed: int, batch_size: int, device: str = "cpu",

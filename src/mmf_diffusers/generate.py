@@ -73,11 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def cycled_labels(num_images: int, num_classes: int) -> List[int]:
+    """Class ``i mod num_classes`` for image ``i``: balanced classes in turn, the same for every step count."""
+    return [i % num_classes for i in range(num_images)]
+
+
 def resolve_class_labels(requested: Optional[List[str]], class_names: List[str], num_images: int):
     """What ``--class-labels`` asks a class-conditional pipeline for: names stay names, other integers become ids,
     ``none`` is the "no label" token (``None``), nothing given cycles through the classes."""
     if requested is None:
-        return [i % len(class_names) for i in range(num_images)]
+        return cycled_labels(num_images, len(class_names))
     if requested == ["none"]:
         return None
     labels = [label if label in class_names or not label.lstrip("-").isdigit() else int(label) for label in requested]

@@ -301,7 +301,7 @@ class ModularMeanFlowLoss:
         keep = (class_labels != null_label) if guided else None
         u_none = u_tt_d = None
         if guided or (idx.numel() and self.tangent == "model"):
-            pieces = []  # (z, t, labels) blocks: "no label" on the labelled rows, then u(z, t, t | c) on r != t rows
+            pieces = []  # (z, t, labels) blocks: "no label" on every row, then u(z, t, t | c) on the r != t rows
             if guided:
                 pieces.append((z, t, torch.full_like(class_labels, null_label)))
             if idx.numel() and (guided or self.tangent == "model"):
