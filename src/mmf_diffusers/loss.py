@@ -120,9 +120,31 @@ class MMFLossOutput:
     stats: Dict[str, float] = field(default_factory=dict)
 
 
-def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A per-row boolean ``(B,)`` shaped to broadcast against ``like`` ``(B, ...)``."""
-    return mask.view((-1,) + (1,) * (like.dim() - 1))
+def _per_row(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-row ``(B,)`` tensor shaped to broadcast against ``like`` ``(B, ...)`` (float values in its dtype)."""
+    values = values.view((-1,) + (1,) * (like.dim() - 1))
+    return values.to(like.dtype) if values.is_floating_point() else values
+
+
+def _bind_labels(model_fn: ModelFn, class_labels: Optional[torch.Tensor], null_label: Optional[int]):
+    """``fn(z, r, t, rows) -> u``: ``model_fn`` on some rows of the batch, with their labels when class-conditional.
+    ``rows`` is ``None`` (every row), an index tensor, ``"none"`` (every row, as "no label"), or a list of those
+    for a concatenated batch."""
+    if class_labels is None:
+        return lambda z, r, t, rows: model_fn(z, r, t)
+
+    def labels_of(rows):
+        if rows is None:
+            return class_labels
+        if isinstance(rows, str):
+            return torch.full_like(class_labels, null_label)
+        return class_labels[rows]
+
+    def fn(z, r, t, rows):
+        blocks = rows if isinstance(rows, list) else [rows]
+        return model_fn(z, r, t, torch.cat([labels_of(b) for b in blocks]))
+
+    return fn
 
 
 def _as_batch_times(name: str, value: torch.Tensor, batch_size: int, device) -> torch.Tensor:
@@ -169,6 +191,7 @@ class ModularMeanFlowLoss:
         tangent: str = "conditional",
         guidance_w: float = 1.0,
         guidance_kappa: float = 0.0,
+        pair_rows: bool = False,
     ):
         if derivative not in DERIVATIVES:
             raise ValueError(f"Unknown derivative estimator {derivative!r}; choose one of {DERIVATIVES}")
@@ -196,6 +219,11 @@ class ModularMeanFlowLoss:
         self.adaptive_p = float(adaptive_p)
         self.adaptive_c = float(adaptive_c)
         self.tangent = tangent
+        if not isinstance(pair_rows, bool):
+            raise ValueError(f"pair_rows must be True or False, got {pair_rows!r}")
+        if pair_rows and tangent != "model":
+            raise ValueError("pair_rows only applies with tangent='model' (it supplies the model tangent)")
+        self.pair_rows = pair_rows
 
     @property
     def guided(self) -> bool:
@@ -230,11 +258,6 @@ class ModularMeanFlowLoss:
             v_tilde = self.guidance_mix(v[keep], u_cond, u_none)
         return v.index_copy(0, keep, v_tilde)
 
-    def _time_derivative(self, model_fn, z, r, t, v, create_graph, u=None):
-        if self.derivative == "jvp":
-            return jvp_derivative(model_fn, z, r, t, v, create_graph=create_graph)
-        return finite_difference_derivative(model_fn, z, r, t, v, create_graph=create_graph, u=u, eps=self.fd_eps)
-
     def __call__(
         self,
         model_fn: ModelFn,
@@ -247,9 +270,102 @@ class ModularMeanFlowLoss:
         class_labels: Optional[torch.Tensor] = None,
         null_label: Optional[int] = None,
     ) -> MMFLossOutput:
+        lam, t, r, noise, class_labels = self._check_call(x, lam, t, r, noise, generator, class_labels, null_label)
+        d = (t > r).nonzero().squeeze(1)  # rows that need du/dt; the others (r = t) are flow matching
+        if self.pair_rows and d.numel():
+            # As many flow-matching rows take the (x, e, t, label) of the derivative rows: their prediction
+            # u(z_t, t, t) is then the model tangent for free (their own images are not used).
+            partners = (t == r).nonzero().squeeze(1)[: d.numel()]
+            x, noise, t = (a.index_copy(0, partners, a[d]) for a in (x, noise, t))
+            r = r.index_copy(0, partners, t[partners])
+            if class_labels is not None:
+                class_labels = class_labels.index_copy(0, partners, class_labels[d])
+        fn = _bind_labels(model_fn, class_labels, null_label)  # fn(z, r, t, rows): u on those rows of the batch
+        t_b, r_b = _per_row(t, x), _per_row(r, x)
+        z, v = (1 - t_b) * x + t_b * noise, noise - x
+        guided = class_labels is not None and self.guided
+
+        # 1. u(z_t, t, t) without gradient, in one batch, where it is needed: on the derivative rows (the model
+        #    tangent, and the guidance term u(z, t, t | c)) and, with guidance, u(z, t, t | none) on every row.
+        need_inst = d.numel() > 0 and (guided or self.tangent == "model") and not self.pair_rows
+        u_inst_d, u_none = self._instantaneous(fn, z, t, d if need_inst else None, guided, null_label)
+
+        # 2. u(z_t, r, t) on every row, the main path of the gradient (with jvp and lam > 0 the derivative rows get
+        #    theirs from the differentiable jvp in step 4).
+        joint = self.derivative == "jvp" and lam > 0 and d.numel() > 0
+        rest = (t == r).nonzero().squeeze(1)
+        u = fn(z, r, t, None) if not joint else None
+        if self.pair_rows and d.numel():
+            u_inst_d = u[partners].detach().to(v.dtype)
+
+        # 3. the target: v, or v_tilde on the labelled rows (u(z, t, t | c) is u_inst_d on the derivative rows and
+        #    the batch's own detached prediction on the others, computed after step 4 when joint).
+        # 4. du/dt on the derivative rows, in float32 outside autocast, along the model or conditional tangent.
+        dudt = torch.zeros_like(x)
+        if d.numel():
+            target_d = self._target(v[d], u_inst_d, u_none, class_labels, null_label, d) if guided else v[d]
+            tangent = u_inst_d if self.tangent == "model" else target_d
+            u_d, dudt_d = self._derivative(fn, z[d], r[d], t[d], tangent, d, lam, None if joint else u[d])
+            dudt = dudt.index_copy(0, d, dudt_d.to(x.dtype))
+            if joint:
+                u_rest = fn(z[rest], r[rest], t[rest], rest) if rest.numel() else u_d[:0]
+                u = torch.cat([u_d.to(u_rest.dtype), u_rest]).index_select(0, torch.argsort(torch.cat([d, rest])))
+        target = v
+        if guided:
+            u_inst = u.detach().to(v.dtype)  # r = t rows: the prediction is u(z, t, t | c)
+            if d.numel():
+                u_inst = u_inst.index_copy(0, d, u_inst_d)
+            target = self._target(v, u_inst, u_none, class_labels, null_label, None)
+
+        # 5. the per-sample error and weight
+        err = (u + (t_b - r_b) * sg_lambda(dudt, lam) - target).pow(2).flatten(1).mean(1)
+        weight = 1.0 / (err.detach() + self.adaptive_c).pow(self.adaptive_p) if self.adaptive_p > 0 else \
+            torch.ones_like(err)
+        per_sample = weight * err
+        with torch.no_grad():
+            stats = {"mse": err.mean().item(), "mean_abs_dudt": dudt[d].abs().mean().item() if d.numel() else 0.0,
+                     "frac_r_neq_t": d.numel() / x.shape[0], "lam": lam, "mean_weight": weight.mean().item()}
+        return MMFLossOutput(loss=per_sample.mean(), per_sample=per_sample, stats=stats)
+
+    # -- the steps of __call__ --------------------------------------------------------------------------------
+
+    def _instantaneous(self, fn, z, t, d, guided, null_label):
+        """No-grad ``u(z_t, t, t | c)`` on rows ``d`` (or ``None``) and, with guidance, ``u(z_t, t, t | none)`` on
+        every row, from one batch of the network. Returns ``(u_inst_d, u_none)`` (``None`` where not computed)."""
+        blocks = ([(z, t, "none")] if guided else []) + ([(z[d], t[d], d)] if d is not None else [])
+        if not blocks:
+            return None, None
+        with torch.no_grad():
+            out = fn(torch.cat([b[0] for b in blocks]), torch.cat([b[1] for b in blocks]),
+                     torch.cat([b[1] for b in blocks]), [b[2] for b in blocks]).to(z.dtype)
+        u_none = out[: z.shape[0]] if guided else None
+        return (out[z.shape[0]:] if guided else out) if d is not None else None, u_none
+
+    def _target(self, v, u_cond, u_none, class_labels, null_label, rows):
+        """``v_tilde`` on the labelled rows among ``rows`` (``None``: all), ``v`` on rows whose label was dropped;
+        ``v``, ``u_cond`` are those rows' values, ``u_none`` covers the whole batch."""
+        labels = class_labels if rows is None else class_labels[rows]
+        u_none = u_none if rows is None else u_none[rows]
+        return torch.where(_per_row(labels != null_label, v), self.guidance_mix(v, u_cond, u_none), v)
+
+    def _derivative(self, fn, z, r, t, tangent, rows, lam, u):
+        """``(u, du/dt)`` on the derivative rows, computed in float32 with autocast off: a finite difference of
+        low-precision outputs is rounding noise, and torch.func.jvp fails under autocast. With gradient (through
+        the tangent output of a jvp, or the shifted forward of the finite difference) only when ``lam > 0``.
+        ``u``: the main prediction on these rows, reused by the finite difference when it is float32."""
+        device_type = z.device.type
+        autocast = torch.is_autocast_enabled(device_type)
+        row_fn = lambda z_, r_, t_: fn(z_, r_, t_, rows)  # noqa: E731
+        with torch.autocast(device_type, enabled=False):
+            if autocast:
+                z, tangent, u = z.float(), tangent.float(), None  # u is recomputed in float32
+            if self.derivative == "jvp":
+                return jvp_derivative(row_fn, z, r, t, tangent, create_graph=lam > 0)
+            return finite_difference_derivative(row_fn, z, r, t, tangent, create_graph=lam > 0, u=u, eps=self.fd_eps)
+
+    def _check_call(self, x, lam, t, r, noise, generator, class_labels, null_label):
         if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not 0.0 <= float(lam) <= 1.0:
             raise ValueError(f"lam must be a number in [0, 1], got {lam!r}")
-        lam = float(lam)
         batch = x.shape[0]
         if (t is None) != (r is None):
             raise ValueError("Give both `t` and `r`, or neither")
@@ -259,11 +375,13 @@ class ModularMeanFlowLoss:
         r = _as_batch_times("r", r, batch, x.device)
         if bool(((r < 0) | (t > 1) | (r > t)).any()):
             raise ValueError("Times must satisfy 0 <= r <= t <= 1 for every row")
+        if self.pair_rows and 2 * int((t > r).sum()) > batch:
+            raise ValueError("pair_rows needs at least as many rows with r = t as with r != t "
+                             "(r_neq_t_fraction <= 0.5)")
         if noise is None:
             noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
         elif noise.shape != x.shape:
             raise ValueError(f"`noise` must have the shape of `x` {tuple(x.shape)}, got {tuple(noise.shape)}")
-
         if class_labels is not None:
             if not torch.is_tensor(class_labels) or class_labels.dtype != torch.long or class_labels.shape != (batch,):
                 raise ValueError(f"`class_labels` must be a long tensor of shape ({batch},)")
@@ -274,108 +392,10 @@ class ModularMeanFlowLoss:
                 raise ValueError(f"class label ids must lie in [0, {null_label}] ({null_label} is 'no label')")
         elif self.guided:
             raise ValueError("Training-time guidance (guidance_w != 1 or guidance_kappa != 0) needs class_labels")
-
-        def rows_fn(rows=None):
-            """``model_fn`` restricted to ``rows`` of the batch (``None``: all), with their labels."""
-            if class_labels is None:
-                return model_fn
-            labels = class_labels if rows is None else class_labels[rows]
-            return lambda z_, r_, t_: model_fn(z_, r_, t_, labels)
-
-        bshape = (batch,) + (1,) * (x.dim() - 1)
-        t_b, r_b = t.view(bshape).to(x.dtype), r.view(bshape).to(x.dtype)
-        z = (1 - t_b) * x + t_b * noise
-        v = noise - x
-
-        # Only rows with r != t need du/dt; the others are flow matching.
-        neq = t > r
-        idx = neq.nonzero().squeeze(1)
-        rest = (~neq).nonzero().squeeze(1)
-        dudt = torch.zeros_like(x)
-
-        # Training-time guidance needs u(z_t, t, t | none) (computed on every row: gathering the labelled ones is not
-        # worth it) and u(z_t, t, t | c) on the labelled rows. On rows with r = t the latter is the main prediction
-        # itself (detached below), so only the r != t rows need it here, where it doubles as the tangent with
-        # tangent="model". One no-grad batch computes what is needed.
-        guided = class_labels is not None and self.guided
-        keep = (class_labels != null_label) if guided else None
-        u_none = u_tt_d = None
-        if guided or (idx.numel() and self.tangent == "model"):
-            pieces = []  # (z, t, labels) blocks: "no label" on every row, then u(z, t, t | c) on the r != t rows
-            if guided:
-                pieces.append((z, t, torch.full_like(class_labels, null_label)))
-            if idx.numel() and (guided or self.tangent == "model"):
-                pieces.append((z[idx], t[idx], None if class_labels is None else class_labels[idx]))
-            with torch.no_grad():
-                zs, ts = torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces])
-                if class_labels is None:
-                    out = model_fn(zs, ts, ts)
-                else:
-                    out = model_fn(zs, ts, ts, torch.cat([p[2] for p in pieces]))
-                out = out.to(v.dtype)
-            if guided:
-                u_none, out = out[:batch], out[batch:]
-            u_tt_d = out if idx.numel() and out.shape[0] else None
-
-        target = v
-        if guided and idx.numel():
-            # the r != t rows' target is needed before the derivative (it is their tangent when "conditional")
-            v_tilde_d = self.guidance_mix(v[idx], u_tt_d, u_none[idx])
-            target = v.index_copy(0, idx, torch.where(_rows(keep[idx], v), v_tilde_d, v[idx]))
-
-        full_fn = rows_fn()
-        if idx.numel() == 0:
-            u = full_fn(z, r, t)
-        else:
-            fn_d = rows_fn(idx)
-            z_d, r_d, t_d, v_d = z[idx], r[idx], t[idx], target[idx]
-            if self.tangent == "model":
-                v_d = u_tt_d
-            if lam == 0.0:
-                # MeanFlow: the derivative is a constant target; u comes from one ordinary forward.
-                u = full_fn(z, r, t)
-                _, dudt_d = self._time_derivative(fn_d, z_d, r_d, t_d, v_d, create_graph=False, u=u[idx])
-            elif self.derivative == "jvp":
-                # u and du/dt from one differentiable jvp on the r != t rows, a plain forward on the rest.
-                u_d, dudt_d = self._time_derivative(fn_d, z_d, r_d, t_d, v_d, create_graph=True)
-                if rest.numel():
-                    u_rest = rows_fn(rest)(z[rest], r[rest], t[rest])
-                    u = torch.cat([u_d, u_rest]).index_select(0, torch.argsort(torch.cat([idx, rest])))
-                else:
-                    u = u_d
-            else:
-                u = full_fn(z, r, t)
-                _, dudt_d = self._time_derivative(fn_d, z_d, r_d, t_d, v_d, create_graph=True, u=u[idx])
-            dudt = dudt.index_copy(0, idx, dudt_d.to(dudt.dtype))
-
-        if guided and rest.numel():
-            # r = t rows: u(z_t, t, t | c) is this batch's own prediction, without its gradient
-            u_rest = u[rest].detach().to(v.dtype)
-            v_tilde_rest = self.guidance_mix(v[rest], u_rest, u_none[rest])
-            target = target.index_copy(0, rest, torch.where(_rows(keep[rest], v), v_tilde_rest, v[rest]))
-
-        h = (t_b - r_b)
-        prediction = u + h * sg_lambda(dudt, lam)
-        err = (prediction - target).pow(2).flatten(1).mean(1)
-        if self.adaptive_p > 0:
-            weight = 1.0 / (err.detach() + self.adaptive_c).pow(self.adaptive_p)
-        else:
-            weight = torch.ones_like(err)
-        per_sample = weight * err
-        loss = per_sample.mean()
-
-        with torch.no_grad():
-            abs_dudt = dudt[idx].abs().mean().item() if idx.numel() else 0.0
-            stats = {
-                "mse": err.mean().item(),
-                "mean_abs_dudt": abs_dudt,
-                "frac_r_neq_t": idx.numel() / batch,
-                "lam": lam,
-                "mean_weight": weight.mean().item(),
-            }
-        return MMFLossOutput(loss=loss, per_sample=per_sample, stats=stats)
+        return float(lam), t, r, noise, class_labels
 
     def __repr__(self) -> str:
         return (f"ModularMeanFlowLoss(time_sampler={self.time_sampler!r}, derivative={self.derivative!r}, "
                 f"fd_eps={self.fd_eps}, adaptive_p={self.adaptive_p}, adaptive_c={self.adaptive_c}, "
-                f"tangent={self.tangent!r}, guidance_w={self.guidance_w}, guidance_kappa={self.guidance_kappa})")
+                f"tangent={self.tangent!r}, guidance_w={self.guidance_w}, guidance_kappa={self.guidance_kappa}, "
+                f"pair_rows={self.pair_rows})")

@@ -1,0 +1,100 @@
+"""The loss under autocast: du/dt is computed in float32 outside autocast, so a bf16 / fp16 step trains on the same
+derivative as a float32 step (issue 10: loss, mean |du/dt| and gradient norm within 5%), while the main forward
+really runs in low precision. Also: ``pair_rows`` equals the plain loss on the explicitly paired batch."""
+
+import pytest
+import torch
+
+from mmf_diffusers import ModularMeanFlowLoss, TimeSampler, build_mmf_unet, unet_model_fn
+from mmf_diffusers.derivatives import finite_difference_derivative, jvp_derivative
+
+
+def tiny_unet():
+    torch.manual_seed(0)
+    return build_mmf_unet(sample_size=8, in_channels=1, block_out_channels=(8, 16), norm_num_groups=4,
+                          attention_head_dim=4)
+
+
+def batch(n=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, 8, 8, generator=g) * 2 - 1
+    noise = torch.randn(x.shape, generator=g)
+    t, r = TimeSampler(r_neq_t_fraction=0.5)(n, generator=g)
+    return x, noise, t, r
+
+
+def one_step(unet, derivative, lam, dtype, **loss_kwargs):
+    model_fn = unet_model_fn(unet)
+    x, noise, t, r = batch()
+    unet.zero_grad(set_to_none=True)
+    loss_fn = ModularMeanFlowLoss(derivative=derivative, tangent="model", **loss_kwargs)
+    context = torch.autocast("cpu", dtype=dtype) if dtype else torch.autocast("cpu", enabled=False)
+    with context:
+        out = loss_fn(model_fn, x, lam, t=t, r=r, noise=noise)
+    out.loss.backward()
+    norm = torch.sqrt(sum((p.grad ** 2).sum() for p in unet.parameters() if p.grad is not None)).item()
+    return out.loss.item(), out.stats["mean_abs_dudt"], norm
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("lam", [0.0, 1.0])
+@pytest.mark.parametrize("derivative", ["finite_difference", "jvp"])
+def test_a_low_precision_step_matches_float32(derivative, lam, dtype):
+    unet = tiny_unet()
+    ref = one_step(unet, derivative, lam, None)
+    low = one_step(unet, derivative, lam, dtype)
+    for name, a, b in zip(("loss", "mean |du/dt|", "grad norm"), low, ref):
+        assert abs(a - b) / abs(b) < 0.05, (name, a, b)
+    assert ref[1] > 0.01  # the derivative term is there
+
+
+def test_the_main_forward_runs_in_low_precision_and_a_naive_difference_would_be_wrong():
+    unet = tiny_unet()
+    model_fn = unet_model_fn(unet)
+    x, noise, t, r = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model_fn(x, r, t).dtype == torch.bfloat16
+    d = (t > r).nonzero().squeeze(1)
+    z = ((1 - t.view(-1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1) * noise)[d]
+    v = noise[d] - x[d]
+    _, exact = jvp_derivative(model_fn, z, r[d], t[d], v, create_graph=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        _, naive = finite_difference_derivative(model_fn, z, r[d], t[d], v, create_graph=False)
+    # What the loss avoids: the difference of two bf16 outputs at eps 1e-3 is far from the derivative.
+    assert ((naive.float() - exact).abs().mean() / exact.abs().mean()).item() > 0.5
+
+
+@pytest.mark.parametrize("lam", [0.0, 1.0])
+def test_pair_rows_is_the_plain_loss_on_the_paired_batch(lam):
+    unet = tiny_unet()
+    model_fn = unet_model_fn(unet)
+    x, noise, t, r = batch()
+    d = (t > r).nonzero().squeeze(1)
+    partners = (t == r).nonzero().squeeze(1)[: d.numel()]
+    paired = [a.index_copy(0, partners, a[d]) for a in (x, noise, t)]
+    r_paired = r.index_copy(0, partners, t[d])
+    grads = []
+    for pair_rows, inputs in ((True, (x, noise, t, r)), (False, (*paired, r_paired))):
+        unet.zero_grad(set_to_none=True)
+        loss_fn = ModularMeanFlowLoss(derivative="finite_difference", tangent="model", pair_rows=pair_rows)
+        xi, ni, ti, ri = inputs
+        out = loss_fn(model_fn, xi, lam, t=ti, r=ri, noise=ni)
+        out.loss.backward()
+        grads.append((out.per_sample.detach(), [p.grad.clone() for p in unet.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-6)
+    # The tangent comes from a batch of another size, so float32 rounding differs by ~1e-7, and the finite
+    # difference's 1 / eps amplifies that in the lam = 1 gradient: compare the whole gradient, relative to its norm.
+    g_pair, g_ref = (torch.cat([g.flatten() for g in gs[1]]) for gs in grads)
+    assert ((g_pair - g_ref).norm() / g_ref.norm()).item() < 1e-4
+
+
+def test_pair_rows_errors():
+    with pytest.raises(ValueError, match="tangent='model'"):
+        ModularMeanFlowLoss(tangent="conditional", pair_rows=True)
+    with pytest.raises(ValueError, match="True or False"):
+        ModularMeanFlowLoss(tangent="model", pair_rows=1)
+    unet = tiny_unet()
+    x, noise, t, r = batch()
+    loss_fn = ModularMeanFlowLoss(tangent="model", pair_rows=True)
+    with pytest.raises(ValueError, match="r_neq_t_fraction <= 0.5"):
+        loss_fn(unet_model_fn(unet), x, 0.0, t=t, r=torch.zeros_like(t), noise=noise)
