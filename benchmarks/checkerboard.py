@@ -63,7 +63,8 @@ class Evaluator:
 
 
 def train(schedule: str, tangent: str, lr: float, seed: int, steps: int, batch: int,
-          r_neq_t_fraction: float = 0.25, hidden: int = 128) -> Dict:
+          r_neq_t_fraction: float = 0.25, hidden: int = 128, derivative: str = "jvp",
+          pair_rows: bool = False) -> Dict:
     """Train a TwoTimeMLP with Adam; returns ``{"model", "losses", "finite", "seconds_per_step"}``.
 
     ``r_neq_t_fraction = 0`` is plain flow matching (every row has ``r = t``; lam and tangent then do nothing).
@@ -73,8 +74,9 @@ def train(schedule: str, tangent: str, lr: float, seed: int, steps: int, batch: 
     torch.manual_seed(seed)
     model = TwoTimeMLP(dim=2, hidden=hidden, depth=4)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    loss_fn = ModularMeanFlowLoss(TimeSampler("logit_normal", -0.4, 1.0, r_neq_t_fraction=r_neq_t_fraction),
-                                  derivative="jvp", tangent=tangent)
+    loss_fn = ModularMeanFlowLoss(TimeSampler("logit_normal", -0.4, 1.0, r_neq_t_fraction=r_neq_t_fraction,
+                                              pair_rows=pair_rows),
+                                  derivative=derivative, tangent=tangent, pair_rows=pair_rows)
     lam_schedule = make_schedule(schedule, steps)
     g = torch.Generator().manual_seed(10_000 + seed)
     losses: List[float] = []

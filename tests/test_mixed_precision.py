@@ -15,11 +15,11 @@ def tiny_unet():
                           attention_head_dim=4)
 
 
-def batch(n=16, seed=0):
+def batch(n=16, seed=0, pair_rows=False):
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(n, 1, 8, 8, generator=g) * 2 - 1
     noise = torch.randn(x.shape, generator=g)
-    t, r = TimeSampler(r_neq_t_fraction=0.5)(n, generator=g)
+    t, r = TimeSampler(r_neq_t_fraction=0.5, pair_rows=pair_rows)(n, generator=g)
     return x, noise, t, r
 
 
@@ -68,9 +68,10 @@ def test_the_main_forward_runs_in_low_precision_and_a_naive_difference_would_be_
 def test_pair_rows_is_the_plain_loss_on_the_paired_batch(lam):
     unet = tiny_unet()
     model_fn = unet_model_fn(unet)
-    x, noise, t, r = batch()
+    x, noise, t, r = batch(pair_rows=True)
     d = (t > r).nonzero().squeeze(1)
-    partners = (t == r).nonzero().squeeze(1)[: d.numel()]
+    assert d.numel() == 8 and bool((d % 2 == 0).all())
+    partners = d + 1
     paired = [a.index_copy(0, partners, a[d]) for a in (x, noise, t)]
     r_paired = r.index_copy(0, partners, t[d])
     grads = []
@@ -96,5 +97,11 @@ def test_pair_rows_errors():
     unet = tiny_unet()
     x, noise, t, r = batch()
     loss_fn = ModularMeanFlowLoss(tangent="model", pair_rows=True)
-    with pytest.raises(ValueError, match="r_neq_t_fraction <= 0.5"):
+    with pytest.raises(ValueError, match="even index 2j"):
         loss_fn(unet_model_fn(unet), x, 0.0, t=t, r=torch.zeros_like(t), noise=noise)
+    with pytest.raises(ValueError, match="r_neq_t_fraction <= 0.5"):
+        TimeSampler(r_neq_t_fraction=0.75, pair_rows=True)
+    with pytest.raises(ValueError, match="do not fit"):
+        TimeSampler(r_neq_t_fraction=0.5, pair_rows=True)(3)
+    t, r = TimeSampler(r_neq_t_fraction=0.5, pair_rows=True)(16, generator=torch.Generator().manual_seed(1))
+    assert bool((t[1::2] == r[1::2]).all()) and int((t[0::2] > r[0::2]).sum()) == 8

@@ -266,7 +266,8 @@ def parse_error(capsys, argv) -> str:
     (["--block_out_channels", "8", "12"], "not divisible by --norm_num_groups"),
     (["--attention_levels", "1"], "one 0/1 per level"),
     (["--resume_from_checkpoint", "/no/such/checkpoint"], "is not a folder"),
-    (["--mixed_precision", "bf16"], "use --derivative finite_difference"),
+    (["--tangent", "conditional", "--pair_rows", "1"], "--pair_rows 1 needs --tangent model"),
+    (["--pair_rows", "1", "--r_neq_t_fraction", "0.75"], "--pair_rows 1 needs --r_neq_t_fraction <= 0.5"),
 ])
 def test_bad_numbers_and_names(capsys, extra, message):
     assert message in parse_error(capsys, ["--dataset_name", "sklearn-digits", *extra])

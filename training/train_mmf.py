@@ -167,13 +167,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "(nn.Embedding's init). A value like 0.3 gives a warm start distinct class codes at once.")
 
     g = parser.add_argument_group("MMF loss")
-    g.add_argument("--derivative", choices=("jvp", "finite_difference"), default="jvp",
-                   help="Estimator of du/dt: exact forward-mode jvp, or a finite difference (two forwards).")
-    g.add_argument("--fd_eps", type=_finite_float, default=1e-3, help="Step of the finite difference, in units of t.")
+    g.add_argument("--derivative", choices=("jvp", "finite_difference"), default="finite_difference",
+                   help="Estimator of du/dt: a forward finite difference (one more forward; no forward-mode AD, so "
+                   "accelerate's DDP / FSDP / DeepSpeed wrapping works as usual) or the exact forward-mode jvp "
+                   "(slower: benchmarks/step_cost.py; gradients are all-reduced by hand). Either is computed in "
+                   "float32 outside autocast, so --mixed_precision trains on the same derivative.")
+    g.add_argument("--fd_eps", type=_finite_float, default=1e-3,
+                   help="Step of the finite difference, in units of t (float32: error about 0.3%% at the default "
+                   "--time_scale, benchmarks/derivative_precision.py).")
     g.add_argument("--tangent", choices=("conditional", "model"), default="model",
                    help="Direction of z in du/dt: the conditional velocity e - x (MeanFlow), or the model's own "
                    "stop-gradient velocity u(z_t, t, t) (one extra no-grad forward; it avoided the collapse of "
                    "lam -> 1 measured in DESIGN.md, hence the default).")
+    g.add_argument("--pair_rows", type=_bool01, default=None,
+                   help="With --tangent model: as many r = t rows as there are r != t rows take those rows' (x, e, t), "
+                   "so the model tangent u(z_t, t, t) is their own prediction instead of an extra no-grad forward "
+                   "(cheaper; each step then sees fewer distinct images: benchmarks/default_derivative.py). Default: 1 with "
+                   "--tangent model and --r_neq_t_fraction <= 0.5, else 0.")
     g.add_argument("--time_distribution", choices=("uniform", "logit_normal"), default="logit_normal",
                    help="Distribution of the two times drawn per sample (t = max, r = min).")
     g.add_argument("--time_mean", type=_finite_float, default=-0.4, help="Mean of the logit-normal time distribution.")
@@ -225,8 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ema_inv_gamma", type=_finite_float, default=1.0, help="EMA warmup inverse gamma.")
     g.add_argument("--ema_power", type=_finite_float, default=3 / 4, help="EMA warmup power.")
     g.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default="no",
-                   help="Autocast precision (weights stay float32). Needs --derivative finite_difference: "
-                   "torch.func.jvp through autocast fails in torch 2.13.")
+                   help="Autocast precision (weights stay float32). du/dt is computed in float32 outside autocast "
+                   "(a difference of low-precision outputs is rounding noise; torch.func.jvp fails under autocast), "
+                   "so one step agrees with float32 within 0.1%% (benchmarks/derivative_precision.py).")
 
     g = parser.add_argument_group("checkpoints, samples, logging")
     g.add_argument("--checkpointing_steps", type=int, default=500,
@@ -293,10 +304,14 @@ def validate_args(args: argparse.Namespace) -> None:
         need(getattr(args, name) >= 0, f"--{name} must be >= 0, got {getattr(args, name)}")
     for name in ("adam_beta1", "adam_beta2"):
         need(0.0 <= getattr(args, name) < 1.0, f"--{name} must be in [0, 1), got {getattr(args, name)}")
-    need(args.mixed_precision == "no" or args.derivative != "jvp",
-         f"--mixed_precision {args.mixed_precision} with --derivative jvp fails (torch 2.13 on CPU: under torch.func.jvp, "
-         "autocast leaves a convolution with a float32 input and low-precision weights); use --derivative "
-         "finite_difference")
+    if args.pair_rows is None:
+        args.pair_rows = args.tangent == "model" and args.r_neq_t_fraction <= 0.5
+    need(not (args.pair_rows and args.tangent != "model"), "--pair_rows 1 needs --tangent model (it supplies the "
+         "model tangent); pass --pair_rows 0 with --tangent conditional")
+    need(not args.pair_rows or args.r_neq_t_fraction <= 0.5,
+         f"--pair_rows 1 needs --r_neq_t_fraction <= 0.5 (one r = t row per r != t row), got {args.r_neq_t_fraction}")
+    need(not args.pair_rows or args.train_batch_size % 2 == 0,
+         f"--pair_rows 1 pairs rows 2j and 2j + 1: --train_batch_size must be even, got {args.train_batch_size}")
     need(0.0 <= args.ema_max_decay <= 1.0, f"--ema_max_decay must be in [0, 1], got {args.ema_max_decay}")
     need(0.0 <= args.label_dropout < 1.0, f"--label_dropout must be in [0, 1), got {args.label_dropout}")
     need(args.cfg_w > 0, f"--cfg_w must be positive, got {args.cfg_w}")
@@ -686,9 +701,11 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
                                  num_training_steps=args.max_train_steps)
     schedule = LambdaSchedule(args.lam_schedule, args.lam_start, args.lam_end, args.lam_warmup_steps)
-    time_sampler = TimeSampler(args.time_distribution, args.time_mean, args.time_std, args.r_neq_t_fraction)
+    time_sampler = TimeSampler(args.time_distribution, args.time_mean, args.time_std, args.r_neq_t_fraction,
+                               pair_rows=args.pair_rows)
     loss_fn = ModularMeanFlowLoss(time_sampler, derivative=args.derivative, fd_eps=args.fd_eps,
                                   adaptive_p=args.adaptive_p, adaptive_c=args.adaptive_c, tangent=args.tangent,
+                                  pair_rows=args.pair_rows,
                                   guidance_w=args.cfg_w, guidance_kappa=args.cfg_kappa)
     # One generator, seeded alike on every rank, draws (t, r, noise) for the whole global batch.
     loss_generator = torch.Generator().manual_seed(args.seed + 1)

@@ -54,6 +54,10 @@ class TimeSampler:
     ``sigmoid(N(mean, std))``); ``t`` is the larger, ``r`` the smaller. Then all but ``round(r_neq_t_fraction * B)``
     randomly chosen rows get ``r = t`` (flow-matching rows).
 
+    With ``pair_rows=True`` the rows with ``r != t`` are drawn among the even rows only, so that row ``2j + 1``
+    (``r = t``) can be the partner of row ``2j`` (`ModularMeanFlowLoss(pair_rows=True)`); this layout survives
+    splitting an even-sized batch across processes.
+
     Paper defaults: ImageNet logit-normal(-0.4, 1.0) with 25% of rows ``r != t`` (ours); CIFAR-10
     logit-normal(-2.0, 2.0) with 75%.
     """
@@ -66,6 +70,7 @@ class TimeSampler:
         mean: float = -0.4,
         std: float = 1.0,
         r_neq_t_fraction: float = 0.25,
+        pair_rows: bool = False,
     ):
         if distribution not in self.DISTRIBUTIONS:
             raise ValueError(f"Unknown time distribution {distribution!r}; choose one of {self.DISTRIBUTIONS}")
@@ -79,6 +84,11 @@ class TimeSampler:
         self.mean = float(mean)
         self.std = float(std)
         self.r_neq_t_fraction = float(r_neq_t_fraction)
+        if not isinstance(pair_rows, bool):
+            raise ValueError(f"pair_rows must be True or False, got {pair_rows!r}")
+        if pair_rows and r_neq_t_fraction > 0.5:
+            raise ValueError(f"pair_rows needs r_neq_t_fraction <= 0.5, got {r_neq_t_fraction!r}")
+        self.pair_rows = pair_rows
 
     def _draw(self, n: int, device, generator) -> torch.Tensor:
         if self.distribution == "uniform":
@@ -93,7 +103,13 @@ class TimeSampler:
         b = self._draw(batch_size, device, generator)
         t, r = torch.maximum(a, b), torch.minimum(a, b)
         num_neq = round(self.r_neq_t_fraction * batch_size)
-        keep = torch.randperm(batch_size, device=device, generator=generator)[:num_neq]
+        if self.pair_rows:
+            if num_neq > batch_size // 2:
+                raise ValueError(f"pair_rows: {num_neq} rows with r != t do not fit into the {batch_size // 2} "
+                                 f"even rows of a batch of {batch_size}")
+            keep = 2 * torch.randperm(batch_size // 2, device=device, generator=generator)[:num_neq]
+        else:
+            keep = torch.randperm(batch_size, device=device, generator=generator)[:num_neq]
         neq = torch.zeros(batch_size, dtype=torch.bool, device=device)
         neq[keep] = True
         r = torch.where(neq, r, t)
@@ -101,7 +117,7 @@ class TimeSampler:
 
     def __repr__(self) -> str:
         return (f"TimeSampler(distribution={self.distribution!r}, mean={self.mean}, std={self.std}, "
-                f"r_neq_t_fraction={self.r_neq_t_fraction})")
+                f"r_neq_t_fraction={self.r_neq_t_fraction}, pair_rows={self.pair_rows})")
 
 
 @dataclass
@@ -164,6 +180,9 @@ class ModularMeanFlowLoss:
             AD; error ``O(fd_eps)``).
         fd_eps: step of the finite difference, in units of ``t``.
         adaptive_p, adaptive_c: per-sample weight ``w = 1 / stopgrad(err + c) ** p``; ``p = 0`` is plain MSE.
+        pair_rows: with ``tangent="model"``: the model tangent of row ``2j`` (``r != t``) is read off the prediction
+            of row ``2j + 1`` (``r = t``), which takes row ``2j``'s ``(x, e, t)`` (its own image is not used),
+            instead of an extra no-grad forward. Times must have that layout (``TimeSampler(pair_rows=True)``).
         tangent: direction of ``z`` in the derivative. ``"conditional"`` uses ``v = e - x`` (MeanFlow);
             ``"model"`` uses the model's own instantaneous velocity ``stopgrad(u(z_t, t, t))``, which removes the
             noise of the conditional velocity from the derivative (one extra no-grad forward on the ``r != t``
@@ -273,9 +292,9 @@ class ModularMeanFlowLoss:
         lam, t, r, noise, class_labels = self._check_call(x, lam, t, r, noise, generator, class_labels, null_label)
         d = (t > r).nonzero().squeeze(1)  # rows that need du/dt; the others (r = t) are flow matching
         if self.pair_rows and d.numel():
-            # As many flow-matching rows take the (x, e, t, label) of the derivative rows: their prediction
-            # u(z_t, t, t) is then the model tangent for free (their own images are not used).
-            partners = (t == r).nonzero().squeeze(1)[: d.numel()]
+            # Row 2j + 1 (r = t) takes the (x, e, t, label) of row 2j (r != t): its prediction u(z_t, t, t) is then
+            # the model tangent for free (its own image is not used).
+            partners = d + 1
             x, noise, t = (a.index_copy(0, partners, a[d]) for a in (x, noise, t))
             r = r.index_copy(0, partners, t[partners])
             if class_labels is not None:
@@ -375,9 +394,11 @@ class ModularMeanFlowLoss:
         r = _as_batch_times("r", r, batch, x.device)
         if bool(((r < 0) | (t > 1) | (r > t)).any()):
             raise ValueError("Times must satisfy 0 <= r <= t <= 1 for every row")
-        if self.pair_rows and 2 * int((t > r).sum()) > batch:
-            raise ValueError("pair_rows needs at least as many rows with r = t as with r != t "
-                             "(r_neq_t_fraction <= 0.5)")
+        if self.pair_rows:
+            d = (t > r).nonzero().squeeze(1)
+            if bool((d % 2 != 0).any()) or bool((d + 1 >= batch).any()) or bool((t[d + 1] > r[d + 1]).any()):
+                raise ValueError("pair_rows needs every row with r != t at an even index 2j and r = t at 2j + 1 "
+                                 "(TimeSampler(pair_rows=True) draws such times)")
         if noise is None:
             noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
         elif noise.shape != x.shape:
