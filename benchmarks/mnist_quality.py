@@ -97,7 +97,7 @@ def run(pipeline: str, num_images: int, mmf_steps: Sequence[int], euler_steps: S
         elif job["sampler"] == "euler":
             images = euler_instantaneous(pipe, num_images, job["steps"], seed, batch_size, labels)
         elif job["sampler"] == "mmf-nolabel":
-            images, requested = generate(pipe, num_images, 1, seed, batch_size), None
+            images, requested = generate(pipe, num_images, 1, seed, batch_size, class_labels=["none"] * num_images), None
         else:
             images = generate(pipe, num_images, job["steps"], seed, batch_size, class_labels=labels,
                               guidance_scale=job.get("guidance_scale"))

@@ -160,7 +160,7 @@ def test_add_class_conditioning_starts_as_the_unconditional_model():
         assert torch.equal(value, state["class_embedding." + key]), key
 
 
-def test_no_labels_is_the_null_label():
+def test_none_is_the_null_label():
     pipe = conditional_pipeline()
     z = noise()
     r, t = one_step(3)
@@ -168,13 +168,38 @@ def test_no_labels_is_the_null_label():
         u_null = pipe.average_velocity(z, r, t, torch.full((3,), NULL))
         assert torch.equal(pipe.average_velocity(z, r, t), u_null)
         u_label = pipe.average_velocity(z, r, t, labels(0, 0, 0))
-    images = pipe(latents=z, output_type="pt").images
-    assert torch.equal(images, pipe(latents=z, class_labels=None, output_type="pt").images)
+    images = pipe(latents=z, class_labels="none", output_type="pt").images
+    assert torch.equal(images, pipe(latents=z, class_labels=["none"] * 3, output_type="pt").images)
     torch.testing.assert_close(images, to_image(z - u_null), atol=1e-6, rtol=0)
     # Not trivially so: with a label the image differs (the label embedding is random, and pixels are unclamped).
     assert (u_label - u_null).abs().max() > 1e-2
     assert ((images > 0) & (images < 1)).float().mean() > 0.3
     assert (pipe(latents=z, class_labels=0, output_type="pt").images - images).abs().max() > 1e-2
+
+
+def test_no_class_labels_draws_the_classes_from_the_prior_after_the_noise():
+    pipe = conditional_pipeline()
+    n = 64
+    shape = (n, pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
+    g = seeded(3)
+    z = torch.randn(shape, generator=g)
+    drawn = torch.multinomial(torch.full((len(NAMES),), 1.0 / len(NAMES)), n, replacement=True, generator=g)
+    assert len(set(drawn.tolist())) == len(NAMES)  # every class, none of them the null token
+    images = pipe(num_images=n, generator=seeded(3), output_type="pt").images
+    torch.testing.assert_close(images, pipe(latents=z, class_labels=drawn, output_type="pt").images, atol=1e-6, rtol=0)
+    # a prior with all its weight on one class gives that class only
+    pipe.conditioner.register_to_config(class_prior=[0.0, 0.0, 1.0])
+    torch.testing.assert_close(pipe(latents=z[:4], output_type="pt").images,
+                               pipe(latents=z[:4], class_labels=2, output_type="pt").images, atol=1e-6, rtol=0)
+    # one generator per image: one label per generator
+    gens = [seeded(i) for i in range(2)]
+    assert pipe(num_images=2, generator=gens, output_type="pt").images.shape[0] == 2
+
+
+@pytest.mark.parametrize("prior", [[1.0, 2.0], [1.0, -1.0, 1.0], [0.0, 0.0, 0.0], [1.0, float("nan"), 1.0]])
+def test_bad_class_prior(prior):
+    with pytest.raises(ValueError, match="class_prior"):
+        MMFConditioner(num_classes=3, time_embed_dim=16, projection_dim=8, class_prior=prior)
 
 
 def test_unconditional_pipeline_folder_loads_and_generates_unchanged():
@@ -434,7 +459,7 @@ def test_guidance_scale_one_and_zero():
     pipe = conditional_pipeline()
     z = noise()
     conditional = pipe(latents=z, class_labels=["dog", "cat", "fox"], output_type="pt").images
-    unconditional = pipe(latents=z, output_type="pt").images
+    unconditional = pipe(latents=z, class_labels="none", output_type="pt").images
     assert (conditional - unconditional).abs().max() > 1e-2
     torch.testing.assert_close(
         pipe(latents=z, class_labels=["dog", "cat", "fox"], guidance_scale=1, output_type="pt").images,
@@ -531,9 +556,9 @@ def test_bad_class_labels(class_labels, num_images, match):
 @pytest.mark.parametrize("guidance_scale", [math.nan, math.inf, -math.inf, "2", True, None])
 def test_bad_guidance_scale(guidance_scale):
     pipe = conditional_pipeline()
-    if guidance_scale is None:  # guidance without labels
-        with pytest.raises(ValueError, match="needs `class_labels`"):
-            pipe(num_images=2, guidance_scale=2.0)
+    if guidance_scale is None:  # guidance of the "no label" token only
+        with pytest.raises(ValueError, match="needs class labels"):
+            pipe(num_images=2, class_labels="none", guidance_scale=2.0)
         return
     with pytest.raises(ValueError, match="guidance_scale"):
         pipe(num_images=2, class_labels="cat", guidance_scale=guidance_scale)
@@ -663,7 +688,8 @@ def test_jvp_through_conditioner_and_unet_matches_reverse_mode_reference():
 def test_other_dtypes_with_a_conditioner(dtype, atol):
     pipe = conditional_pipeline()
     z = noise()
-    calls = ({"class_labels": ["fox", "cat", "dog"]}, {"class_labels": 1, "guidance_scale": 2.0}, {},
+    calls = ({"class_labels": ["fox", "cat", "dog"]}, {"class_labels": 1, "guidance_scale": 2.0},
+             {"class_labels": "none"},
              {"class_labels": [0, 1, 2], "num_inference_steps": 2})
     expected = [pipe(latents=z, output_type="pt", **kwargs).images for kwargs in calls]
     pipe.to(dtype)

@@ -40,7 +40,8 @@ def tiles(path, n, size=8, upscale=8, padding=2, nrow=None):
 
 def test_resolve_class_labels():
     assert resolve_class_labels(None, ["a", "b", "c"], 5) == [0, 1, 2, 0, 1]
-    assert resolve_class_labels(["none"], ["a", "b"], 3) is None
+    assert resolve_class_labels(["none"], ["a", "b"], 3) == "none"  # the "no label" token
+    assert resolve_class_labels(["random"], ["a", "b"], 3) is None  # the pipeline draws the classes
     assert resolve_class_labels(["b"], ["a", "b"], 3) == "b"
     assert resolve_class_labels(["1", "a"], ["a", "b"], 2) == [1, "a"]  # "1" is not a name here: an id
     assert resolve_class_labels(["1", "7"], DIGITS, 2) == ["1", "7"]  # digit names stay names
@@ -69,7 +70,7 @@ def test_generate_with_labels_in_turn_by_name_and_guided(conditional_dir, tmp_pa
     (["--class-labels", "11"], "out of range"),
     (["--class-labels", "cat"], "Unknown class name 'cat'"),
     (["--class-labels", "1", "2"], "Got 2 class labels for 3 images"),
-    (["--class-labels", "none", "--guidance-scale", "2"], "needs `class_labels`"),
+    (["--class-labels", "none", "--guidance-scale", "2"], "needs class labels"),
     (["--guidance-scale", "inf"], "expected a finite number"),
 ])
 def test_generate_errors(conditional_dir, tmp_path, capsys, extra, message):

@@ -45,6 +45,9 @@ class MMFConditioner(ModelMixin, ConfigMixin):
         guidance_w (`float`, *optional*), guidance_kappa (`float`, *optional*): the training-time guidance the model
             was trained with (``v_tilde = w (e - x) + kappa u(z,t,t|c) + (1 - w - kappa) u(z,t,t|none)``), kept as a
             record; its effective scale is ``w / (1 - kappa)``. ``None`` when trained without it.
+        class_prior (`List[float]`, *optional*): how often each class occurs in the training data (one non-negative
+            weight per class); the pipeline draws the classes of a call without ``class_labels`` from it. ``None``:
+            uniform.
     """
 
     @register_to_config
@@ -58,6 +61,7 @@ class MMFConditioner(ModelMixin, ConfigMixin):
         class_names: Optional[List[str]] = None,
         guidance_w: Optional[float] = None,
         guidance_kappa: Optional[float] = None,
+        class_prior: Optional[List[float]] = None,
     ):
         super().__init__()
         for name, value in (("num_classes", num_classes), ("time_embed_dim", time_embed_dim),
@@ -70,6 +74,11 @@ class MMFConditioner(ModelMixin, ConfigMixin):
                 raise ValueError(f"Got {len(names)} class_names for num_classes={num_classes}")
             if len(set(names)) != len(names):
                 raise ValueError(f"class_names must be distinct, got {names}")
+        if class_prior is not None:
+            weights = [float(w) for w in class_prior]
+            if len(weights) != num_classes or not all(w >= 0 and w < float("inf") for w in weights) or sum(weights) <= 0:
+                raise ValueError(f"class_prior must hold {num_classes} finite non-negative weights with a positive sum, "
+                                 f"got {class_prior!r}")
         self.time_proj = Timesteps(projection_dim, flip_sin_to_cos, freq_shift)
         self.time_embedding = TimestepEmbedding(projection_dim, time_embed_dim)
         self.label_embedding = torch.nn.Embedding(num_classes + 1, time_embed_dim)
@@ -85,12 +94,30 @@ class MMFConditioner(ModelMixin, ConfigMixin):
         names = self.config.class_names
         return [str(n) for n in names] if names is not None else [str(i) for i in range(self.config.num_classes)]
 
+    @property
+    def class_prior(self) -> torch.Tensor:
+        """The class frequencies of the training data as a float ``(num_classes,)`` tensor summing to 1 (uniform
+        when the config has none)."""
+        weights = self.config.get("class_prior") if hasattr(self.config, "get") else None
+        prior = torch.ones(self.config.num_classes) if weights is None else torch.tensor(weights, dtype=torch.float)
+        return prior / prior.sum()
+
+    def sample_labels(self, batch_size: int, generator=None, device=None) -> torch.Tensor:
+        """``batch_size`` class ids drawn from `class_prior` (with ``generator``, or one generator per row)."""
+        prior = self.class_prior
+        if isinstance(generator, list):
+            ids = [torch.multinomial(prior.to(g.device), 1, generator=g) for g in generator]
+            return torch.cat(ids).to(device)
+        gen_device = generator.device if generator is not None else "cpu"
+        return torch.multinomial(prior.to(gen_device), batch_size, replacement=True, generator=generator).to(device)
+
     def label_ids(self, class_labels: LabelsLike, batch_size: int, device=None) -> torch.Tensor:
         """Turn what a user gives into a LongTensor of ``batch_size`` label ids.
 
         ``None`` is "no label" for every row; one int or name is used for every row; a list/tuple/1-D tensor must have
-        one entry per row (a numpy array of ids works too). Strings are class names, integers are class ids; anything else, an unknown name or an id
-        outside ``[0, num_classes)`` raises a ValueError that lists the valid labels.
+        one entry per row (a numpy array of ids works too). Strings are class names (``"none"`` is the "no label"
+        token unless a class has that name), integers are class ids; anything else, an unknown name or an id outside
+        ``[0, num_classes)`` raises a ValueError that lists the valid labels.
         """
         if class_labels is None:
             return torch.full((batch_size,), self.null_label, dtype=torch.long, device=device)
@@ -109,7 +136,7 @@ class MMFConditioner(ModelMixin, ConfigMixin):
         if len(class_labels) != batch_size:
             raise ValueError(f"Got {len(class_labels)} class labels for {batch_size} images; give one per image or one for all")
         names = self.class_names
-        index = {name: i for i, name in enumerate(names)}
+        index = {"none": self.null_label, **{name: i for i, name in enumerate(names)}}
         ids = []
         for label in class_labels:
             if isinstance(label, str):

@@ -391,9 +391,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stats-cache", default=None, help=f"folder for cached reference statistics "
                                                              f"(default {default_cache_dir()})")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    parser.add_argument("--class-labels", choices=("cycle", "none"), default=None,
+    parser.add_argument("--class-labels", choices=("cycle", "none", "random"), default=None,
                         help="class-conditional pipelines: 'cycle' (default) asks for the classes in turn, image i for "
-                             "class i mod K; 'none' uses the 'no label' token (the unconditional distribution)")
+                             "class i mod K; 'none' uses the 'no label' token (the model's unconditional branch); "
+                             "'random' lets the pipeline draw each image's class from the training data's class "
+                             "frequencies (its behaviour without class_labels)")
     parser.add_argument("--guidance-scale", type=_finite_float, default=None,
                         help="sampling-time classifier-free guidance (two network evaluations per step); default none: "
                              "one evaluation, guided already if the model was trained with guidance")
@@ -467,13 +469,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     labels, digits = None, None
     if pipe.is_class_conditional:
         names = pipe.class_names
-        if args.class_labels != "none":
+        if args.class_labels == "none":
+            labels = ["none"] * args.num_images
+        elif args.class_labels != "random":
             labels = cycled_labels(args.num_images, len(names))
             if all(name.isdigit() for name in names):
                 digits = [int(names[i]) for i in labels]
     elif args.class_labels is not None or args.guidance_scale is not None:
         parser.exit(2, "mmf-evaluate: error: --class-labels / --guidance-scale need a class-conditional pipeline\n")
-    if args.guidance_scale is not None and labels is None:
+    if args.guidance_scale is not None and args.class_labels == "none":
         parser.exit(2, "mmf-evaluate: error: --guidance-scale needs class labels (not --class-labels none)\n")
     if "class-accuracy" in args.metric and digits is None:
         parser.exit(2, "mmf-evaluate: error: class-accuracy needs a class-conditional pipeline whose classes are "

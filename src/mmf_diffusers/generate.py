@@ -66,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--class-labels", nargs="+", default=None, metavar="LABEL",
                         help="class-conditional pipelines: one class name (or id) for all images or one per image; "
-                             "'none' for the 'no label' token. Default: the classes in turn (image i: class i mod K)")
+                             "'none' for the 'no label' token, 'random' for classes drawn from the training data's "
+                             "class frequencies (what the pipeline does without class_labels). Default: the classes in "
+                             "turn (image i: class i mod K)")
     parser.add_argument("--guidance-scale", type=finite_float, default=None,
                         help="sampling-time classifier-free guidance, two network evaluations per step (default: none; "
                              "a model trained with guidance is guided in one evaluation)")
@@ -80,10 +82,11 @@ def cycled_labels(num_images: int, num_classes: int) -> List[int]:
 
 def resolve_class_labels(requested: Optional[List[str]], class_names: List[str], num_images: int):
     """What ``--class-labels`` asks a class-conditional pipeline for: names stay names, other integers become ids,
-    ``none`` is the "no label" token (``None``), nothing given cycles through the classes."""
+    ``none`` is the "no label" token, ``random`` draws the classes (``None`` for the pipeline), nothing given cycles
+    through the classes."""
     if requested is None:
         return cycled_labels(num_images, len(class_names))
-    if requested == ["none"]:
+    if requested == ["random"] and "random" not in class_names:
         return None
     labels = [label if label in class_names or not label.lstrip("-").isdigit() else int(label) for label in requested]
     return labels[0] if len(labels) == 1 else labels
@@ -143,7 +146,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     what = ""
     if pipe.is_class_conditional:
         labels = extra["class_labels"]
-        what = ", classes in turn" if args.class_labels is None else ", no label" if labels is None else \
+        what = ", classes in turn" if args.class_labels is None else ", random classes" if labels is None else \
             f", class{'es' if isinstance(labels, list) else ''} {labels}"
         if args.guidance_scale is not None:
             what += f", guidance scale {args.guidance_scale}"

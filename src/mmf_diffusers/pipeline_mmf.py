@@ -328,12 +328,14 @@ class MMFPipeline(DiffusionPipeline):
                 (float tensor ``(B, C, H, W)`` in ``[0, 1]``).
             return_dict (`bool`): return an [`ImagePipelineOutput`] instead of a 1-tuple.
             class_labels (class-conditional models only): one label for all images or one per image; class ids
-                (``int``) or names (``str``, see `class_names`), as a list or a 1-D integer tensor. ``None`` samples
-                with the "no label" token (the model's unconditional distribution).
+                (``int``) or names (``str``, see `class_names`), as a list or a 1-D integer tensor; ``"none"`` is the
+                "no label" token (the model's unconditional branch, which guidance uses). ``None`` (the default) draws
+                each image's class from the training data's class frequencies (the conditioner's `class_prior`, after
+                the noise, with ``generator``): a sample of the data distribution ``sum_c p(c) p(x | c)``.
             guidance_scale (`float`, *optional*): classifier-free guidance at sampling time,
                 ``u = u_none + guidance_scale * (u_c - u_none)``: two network evaluations per step. ``None`` (the
                 default) is one evaluation of the conditional model, which is already guided when it was trained with
-                guidance. Needs a class-conditional model and ``class_labels``.
+                guidance. Needs a class-conditional model.
 
         Returns:
             [`ImagePipelineOutput`] or `tuple` with the images.
@@ -354,7 +356,7 @@ class MMFPipeline(DiffusionPipeline):
             given = "class_labels" if class_labels is not None else "guidance_scale"
             raise ValueError(f"`{given}` was given, but this model is unconditional (it has no conditioner)")
         labels = None
-        if self.is_class_conditional:
+        if self.is_class_conditional and class_labels is not None:
             labels = self.conditioner.label_ids(class_labels, count, device=self._execution_device)
         if guidance_scale is not None:
             if (
@@ -363,8 +365,8 @@ class MMFPipeline(DiffusionPipeline):
                 or not math.isfinite(guidance_scale)
             ):
                 raise ValueError(f"`guidance_scale` must be a finite number, got {guidance_scale!r}")
-            if class_labels is None:
-                raise ValueError("`guidance_scale` needs `class_labels` (guidance pulls towards a class)")
+            if labels is not None and bool((labels == self.conditioner.null_label).all()):
+                raise ValueError("`guidance_scale` needs class labels: the 'no label' token cannot be guided")
 
         sample_size = self.unet.config.sample_size
         if isinstance(sample_size, int):
@@ -380,6 +382,9 @@ class MMFPipeline(DiffusionPipeline):
                 got = tuple(latents.shape) if torch.is_tensor(latents) else type(latents).__name__
                 raise ValueError(f"`latents` must be a tensor of shape {shape}, got {got}")
             latents = latents.to(device=self._execution_device, dtype=dtype)
+        if self.is_class_conditional and labels is None:
+            # no class asked for: draw the classes from the data's class frequencies
+            labels = self.conditioner.sample_labels(count, generator=generator, device=self._execution_device)
 
         # 2. walk the grid 1 = s_0 > s_1 > ... > s_N = 0 with one network call per interval
         self.scheduler.set_timesteps(num_inference_steps, device=self._execution_device)
