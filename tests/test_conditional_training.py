@@ -121,6 +121,8 @@ def test_class_conditional_run_end_to_end_then_kill_and_resume_reproduces_it(tmp
     conditioner_config = json.loads((reference / "conditioner" / "config.json").read_text())
     assert conditioner_config["class_names"] == list(CLASSES) and conditioner_config["num_classes"] == 3
     assert conditioner_config["guidance_w"] == 0.75 and conditioner_config["guidance_kappa"] == 0.5
+    # the class frequencies of the training images, which a call without class_labels draws from
+    assert conditioner_config["class_prior"] == pytest.approx([1 / 3] * 3, abs=1e-5)
     card = (reference / "README.md").read_text()
     assert "class-conditional-image-generation" in card and "effective_guidance_scale=1.5" in card
     assert "class_labels=" in card

@@ -680,6 +680,10 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
         if args.label_init_std is None:
             args.label_init_std = 0.0 if args.pretrained_unet else 1.0
         unet, conditioner = add_class_conditioning(unet, len(class_names), class_names, args.label_init_std)
+        # The pipeline draws the classes of a call without class_labels from the training frequencies.
+        used = np.asarray(source.labels)[np.asarray(valid)]
+        counts = np.bincount(used, minlength=len(class_names))
+        conditioner.register_to_config(class_prior=[round(float(c) / counts.sum(), 6) for c in counts])
         if args.cfg_w != 1.0 or args.cfg_kappa != 0.0:
             conditioner.register_to_config(guidance_w=args.cfg_w, guidance_kappa=args.cfg_kappa)
         conditioner.train()
