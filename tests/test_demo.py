@@ -205,3 +205,35 @@ def test_write_space(tmp_path):
     assert "mmf_diffusers[demo]==" in open(write_space(str(tmp_path / "s2"), "user/x")[1]).read()
     with pytest.raises(ValueError, match="user/name"):
         write_space(str(tmp_path / "s3"), "mmf-mnist")
+
+
+def test_push_with_demo_writes_the_space_and_links_it_from_the_card(tmp_path, capsys, monkeypatch):
+    from hub_server import HubServer
+
+    from mmf_diffusers.hub import main as push_main
+
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    token = "hf_demo_test_token"
+    folder = unconditional_folder(tmp_path / "tiny")
+    with pytest.raises(SystemExit) as exit_:
+        push_main([folder, "tiny", "--token", token, "--with-demo"])
+    assert exit_.value.code == 2 and "--with-demo needs REPO_ID as user/name" in capsys.readouterr().err
+    with HubServer({token: "tester"}) as hub:
+        assert push_main([folder, "tester/tiny", "--token", token, "--endpoint", hub.url, "--with-demo"]) == 0
+        card = hub.files("tester/tiny")["README.md"].decode()
+        assert not hub.unknown_requests
+    assert "## Demo" in card and "https://huggingface.co/spaces/tester/tiny-demo" in card
+    assert "mmf-demo --pipeline tester/tiny" in card
+    assert card.index("## Demo") < card.index("## How to load")
+    space = tmp_path / "tiny-space"
+    assert 'build_demo("tester/tiny")' in (space / "app.py").read_text()
+    assert (space / "requirements.txt").read_text().startswith("mmf_diffusers[demo]==")
+    out = capsys.readouterr().out
+    assert f"hf upload tester/tiny-demo {space} --repo-type space" in out
+    # Twice: one Demo section, not two.
+    from mmf_diffusers.model_card import add_demo_section
+
+    add_demo_section(tmp_path / "tiny" / "README.md", "tester/other-demo", "tester/tiny")
+    text = (tmp_path / "tiny" / "README.md").read_text()
+    assert text.count("## Demo") == 1 and "spaces/tester/other-demo" in text and "tiny-demo" not in text
