@@ -196,8 +196,10 @@ class TrajectoryDemo:
         config = self.pipe.config
         title = "from " + ", ".join(f"{n} = {v:g}" for n, v in zip(self.channel_names, start)) if start else \
             "unconditional"
-        plot = plot_trajectories({f"{title} ({', '.join(self.channel_names)})": out},
-                                 torch.tensor(config.channel_mean), torch.tensor(config.channel_std))
+        # One panel per channel, left to right, each spanning mean +- 3 std of that channel.
+        plot = plot_trajectories({f"{title}; panels, left to right: {', '.join(self.channel_names)}": out},
+                                 torch.tensor(config.channel_mean), torch.tensor(config.channel_std),
+                                 width=480, height=240)
         info = (f"{_plural(num_samples, 'trajectory', 'trajectories')}, {_plural(steps, 'step')}, seed {seed}, {title}: "
                 f"generated in {seconds * 1000:.0f} ms on {self.device}")
         return plot, info
