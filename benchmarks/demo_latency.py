@@ -4,7 +4,8 @@ request after that, both through the real `gradio_client` against the server on 
     OMP_NUM_THREADS=1 python benchmarks/demo_latency.py --pipeline pipelines/mmf-mnist --requests 20
 
 Each request is the page's default: 16 images, one step, each class in turn (class-conditional models), seed 0.
-Prints one JSON object (and writes it to ``--json`` if given) with the exact command.
+Prints one JSON object (and writes it to ``--json`` if given) with the exact command and the machine's 1-minute load
+average before and after (the times grow with whatever else runs).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def main() -> int:
 
     from gradio_client import Client
 
+    load_before = os.getloadavg()[0]  # a shared machine: other jobs slow everything down
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
     command = [sys.executable, "-m", "mmf_diffusers.demo", "--pipeline", args.pipeline, "--server-port", str(port)]
@@ -71,6 +73,8 @@ def main() -> int:
         "request": {"class_label": label, "num_images": args.num_images, "steps": args.steps, "seed": 0},
         "seconds_to_server_up": round(up, 2),
         "seconds_to_first_image": round(first, 2),
+        "load_average_1min": [round(load_before, 1), round(os.getloadavg()[0], 1)],
+        "cpu_count": os.cpu_count(),
         "request_seconds": {"median": round(statistics.median(times), 3), "min": round(min(times), 3),
                             "max": round(max(times), 3), "n": len(times)},
     }
