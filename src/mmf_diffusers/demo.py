@@ -31,9 +31,9 @@ import os
 import socket
 import sys
 import time
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
-from .generate import make_grid, pipeline_argument_problem
+from .generate import cycled_labels, make_grid, pipeline_argument_problem
 
 MAX_STEPS = 8
 MAX_IMAGES = 64
@@ -70,7 +70,7 @@ def parse_start_state(text: Optional[str], channel_names: Sequence[str]) -> Opti
     empty field."""
     if text is None or not str(text).strip():
         return None
-    parts = [p for p in str(text).replace(";", ",").replace(",", " ").split()]
+    parts = str(text).replace(";", " ").replace(",", " ").split()
     try:
         values = [float(p) for p in parts]
     except ValueError:
@@ -126,8 +126,6 @@ class ImageDemo:
     def generate(self, class_label, num_images, steps, seed, guidance_scale=None):
         """``(grid PIL image, one line saying what was made and how long it took)``."""
         import torch
-
-        from .generate import cycled_labels
 
         num_images = whole_number("the number of images", num_images, 1, MAX_IMAGES)
         steps = whole_number("steps", steps, 1, MAX_STEPS)
@@ -268,11 +266,12 @@ def build_demo(pipeline, device: str = "cpu", title: Optional[str] = None):
                                   interactive=False, elem_id="mmf-output")
                 info = gr.Markdown(elem_id="mmf-info")
         # The API endpoint returns only the image: the line about timing travels in a State (not part of the API),
-        # which the page then shows. preprocess=False: the inputs arrive as sent and `generate` checks them itself,
-        # with messages that name the field (gradio's own checks say "Value 0 is less than minimum value 1").
+        # which the page then shows (after a success only). preprocess=False: the inputs arrive as sent and
+        # `generate` checks them itself, with messages that name the field (gradio's own checks would say "Value 0 is
+        # less than minimum value 1").
         timing = gr.State("")
         button.click(generate_images if images else generate_trajectories, [label, count, steps, seed, extra],
-                     [output, timing], api_name="generate", preprocess=False).then(
+                     [output, timing], api_name="generate", preprocess=False).success(
             lambda text: text, timing, info, api_visibility="private"
         )
     return demo
@@ -291,11 +290,14 @@ def port_number(text: str) -> int:
 
 
 def port_problem(host: str, port: int) -> Optional[str]:
-    """Why ``host:port`` cannot be served (in use, unknown host), or None; checked before the model loads."""
+    """Why ``host:port`` cannot be served (in use, unknown host), or None; checked before the model loads. The probe
+    sets SO_REUSEADDR as the server (uvicorn) does, so only a port that is really taken is refused."""
     try:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind((host, port))
-    except OSError as error:
+    except OSError as error:  # socket.gaierror (an unknown host) is an OSError too
         return f"cannot serve on {host}:{port}: {error.strerror or error}"
     return None
 
