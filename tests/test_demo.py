@@ -61,14 +61,33 @@ def serve(folder):
 
 
 @pytest.fixture(scope="module")
-def apps(tmp_path_factory):
+def served(tmp_path_factory):
+    """name -> (the gradio Blocks, a gradio_client.Client connected to it)."""
     root = tmp_path_factory.mktemp("demo")
-    served = {name: serve(make(root / name)) for name, make in
-              [("unconditional", unconditional_folder), ("conditional", conditional_folder),
-               ("trajectory", trajectory_folder)]}
-    yield {name: client for name, (_, client) in served.items()}
-    for demo, _ in served.values():
+    apps = {name: serve(make(root / name)) for name, make in
+            [("unconditional", unconditional_folder), ("conditional", conditional_folder),
+             ("trajectory", trajectory_folder)]}
+    yield apps
+    for demo, _ in apps.values():
         demo.close()
+
+
+@pytest.fixture(scope="module")
+def apps(served):
+    return {name: client for name, (_, client) in served.items()}
+
+
+def test_class_and_guidance_fields_only_for_class_conditional_models(served):
+    def fields(name):
+        return {block.label: block for block in served[name][0].blocks.values() if getattr(block, "label", None)}
+
+    conditional, unconditional, trajectory = fields("conditional"), fields("unconditional"), fields("trajectory")
+    assert conditional["Class"].visible and conditional["Guidance scale (optional)"].visible
+    assert conditional["Class"].choices == [(c, c) for c in ["each class in turn", *NAMES, NO_LABEL]]
+    assert not unconditional["Class"].visible and not unconditional["Guidance scale (optional)"].visible
+    assert not trajectory["Class"].visible and trajectory["Start state (theta, omega), optional"].visible
+    assert (unconditional["Steps (network evaluations)"].minimum, unconditional["Steps (network evaluations)"].maximum) \
+        == (1, 8)
 
 
 def pixels(path) -> np.ndarray:
