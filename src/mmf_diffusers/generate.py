@@ -38,13 +38,17 @@ def positive_int(text: str) -> int:
 
 def pipeline_argument_problem(pipeline: str) -> Optional[str]:
     """Why ``pipeline`` (a folder, or a Hub repo id ``user/name``) cannot be loaded, or None if it looks loadable.
-    Checked before the slow imports by the commands that take ``--pipeline``."""
+    Checked before the slow imports by the commands that take ``--pipeline``. ``a/b`` where ``a`` is a folder here is
+    taken as a folder path, so a mistyped one is an error instead of a Hub download."""
     if os.path.exists(pipeline):
         if not os.path.isfile(os.path.join(pipeline, "model_index.json")):
             return f"{pipeline} is not a pipeline folder (no model_index.json)"
         return None
     if pipeline.count("/") != 1 or pipeline.startswith((".", "/")):
         return f"no such pipeline folder: {pipeline}"
+    parent = pipeline.split("/")[0]
+    if os.path.isdir(parent):  # e.g. pipelines/mmf-mnst: a typo of a folder here, not a Hub repo id to look up
+        return f"no such pipeline folder: {pipeline} (in {parent}/ there is no {pipeline.split('/')[1]})"
     return None
 
 

@@ -17,7 +17,9 @@ an installed library. The package's own entries are kept under ``_mmf_package_la
 
 Components from diffusers (the UNet2DModel / UNet1DModel, or a FlowMapEulerDiscreteScheduler) need no copied code.
 
-Command line: ``mmf-push FOLDER REPO_ID [--private] [--token TOKEN] [--endpoint URL]``.
+Command line: ``mmf-push FOLDER REPO_ID [--private] [--token TOKEN] [--endpoint URL] [--with-demo]``; ``--with-demo``
+also writes the files of a Gradio Space that serves ``mmf-demo`` for the repository (`mmf_diffusers.demo.write_space`)
+and links it from the card.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from huggingface_hub import HfApi, get_token, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects  # upload_folder's own ignores
 
-from .model_card import REPO_PLACEHOLDER, is_mmf_card, write_model_card
+from .model_card import REPO_PLACEHOLDER, add_demo_section, is_mmf_card, write_model_card
 from .pipeline_mmf import PACKAGE_LAYOUT_KEY
 
 PathLike = Union[str, os.PathLike]
@@ -273,6 +275,7 @@ def push_pipeline_folder(
     endpoint: Optional[str] = None,
     card_info: Optional[Dict[str, Any]] = None,
     ignore_patterns: Optional[List[str]] = None,
+    demo_space: Optional[str] = None,
 ) -> str:
     """Upload a saved MMF pipeline folder to the Hub repository ``repo_id``; returns the commit URL.
 
@@ -282,7 +285,8 @@ def push_pipeline_folder(
     trajectory pipeline) and with ``DiffusionPipeline.from_pretrained(..., trust_remote_code=True)``. ``repo_id`` may
     omit the namespace (the token's user). ``ignore_patterns`` (fnmatch, relative to ``folder``) leaves files out, e.g.
     a training run's ``checkpoint-*``. The upload is refused if any file to upload contains the token. ``endpoint``
-    defaults to ``HF_ENDPOINT`` / huggingface.co.
+    defaults to ``HF_ENDPOINT`` / huggingface.co. ``demo_space`` (a Space id) adds a Demo section that links it to
+    the card (`mmf_diffusers.model_card.add_demo_section`).
     """
     _read_model_index(folder)  # a clear error for a missing folder or one without a pipeline, before anything else
     token = check_hub_auth(token)
@@ -290,6 +294,8 @@ def push_pipeline_folder(
     if "/" not in repo_id:
         repo_id = f"{api.whoami()['name']}/{repo_id}"
     prepare_folder_for_hub(folder, repo_id=repo_id, card_info=card_info, secrets=[token])
+    if demo_space:
+        add_demo_section(os.path.join(folder, "README.md"), demo_space, repo_id)
     leaked = _files_containing(folder, _files_to_upload(folder, ignore_patterns), token)
     if leaked:
         raise ValueError(f"Refusing to upload {folder}: the Hub token appears in {leaked}")
@@ -357,18 +363,39 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--endpoint", default=None, help="Hub URL (default: HF_ENDPOINT or https://huggingface.co)")
     parser.add_argument("--commit-message", default="Upload MMF pipeline", help="commit message")
+    parser.add_argument("--with-demo", action="store_true",
+                        help="also write the app.py, requirements.txt and README.md of a Gradio Space that serves "
+                             "`mmf-demo` for REPO_ID (to --demo-dir), and link the Space (--space-id) from the card")
+    parser.add_argument("--space-id", default=None, help="the Space's id (default: REPO_ID-demo)")
+    parser.add_argument("--demo-dir", default=None, help="where to write the Space's files (default: FOLDER-space)")
+    parser.add_argument("--demo-requirement", default=None,
+                        help="pip requirement of mmf_diffusers in the Space (default: mmf_diffusers[demo]==VERSION; "
+                             "e.g. a git+https URL)")
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """``mmf-push FOLDER REPO_ID [--private] [--token TOKEN] [--endpoint URL]``; returns the exit status."""
+    """``mmf-push FOLDER REPO_ID [--private] [--token TOKEN] [--endpoint URL] [--with-demo ...]``; returns the exit
+    status."""
     parser = _parser()
     args = parser.parse_args(argv)
+    space_id = demo_dir = None
+    if args.with_demo:
+        if args.repo_id.count("/") != 1:
+            parser.exit(2, "mmf-push: error: --with-demo needs REPO_ID as user/name (the Space loads it by that id)\n")
+        space_id = args.space_id or f"{args.repo_id}-demo"
+        demo_dir = args.demo_dir or os.path.normpath(args.folder) + "-space"
+        if os.path.abspath(demo_dir).startswith(os.path.abspath(args.folder) + os.sep):
+            parser.exit(2, "mmf-push: error: --demo-dir must lie outside FOLDER (it would be uploaded with the model)\n")
     try:
         _read_model_index(args.folder)
         token = check_hub_auth(args.token)
     except (OSError, ValueError) as error:
         parser.exit(2, f"mmf-push: error: {error}\n")
+    if args.with_demo:
+        from .demo import write_space
+
+        write_space(demo_dir, args.repo_id, requirement=args.demo_requirement)
     try:
         url = push_pipeline_folder(
             args.folder,
@@ -377,10 +404,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             private=args.private,
             commit_message=args.commit_message,
             endpoint=args.endpoint,
+            demo_space=space_id,
         )
     except (OSError, ValueError, HfHubHTTPError) as error:
         parser.exit(1, f"mmf-push: error: {error}\n")
     print(f"Pushed {args.folder} to {args.repo_id}: {url}")
+    if args.with_demo:
+        print(f"Wrote the Space's files to {demo_dir}; create the Space (linked from the card) with:\n"
+              f"  hf upload {space_id} {demo_dir} --repo-type space")
     return 0
 
 

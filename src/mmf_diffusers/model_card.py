@@ -278,6 +278,29 @@ def write_model_card(folder: Union[str, os.PathLike], info: Dict[str, Any], secr
     return path
 
 
+DEMO_HEADING = "## Demo"
+
+
+def add_demo_section(readme: Union[str, os.PathLike], space_id: str, repo_id: str) -> None:
+    """Link the Gradio Space ``space_id`` (written by `mmf_diffusers.demo.write_space`) from the card at ``readme``,
+    in a "Demo" section before "How to load"; an earlier Demo section is replaced, so running it twice is harmless."""
+    with open(readme, encoding="utf-8") as f:
+        text = f.read()
+    section = (
+        f"{DEMO_HEADING}\n\nTry it in the browser: [the Space](https://huggingface.co/spaces/{space_id}) (a Gradio app: "
+        "class, number of images, steps, seed). The same app runs locally with `pip install \"mmf_diffusers[demo]\"`:"
+        f"\n\n```bash\nmmf-demo --pipeline {repo_id}\n```\n\n"
+    )
+    start = text.find(f"{DEMO_HEADING}\n")
+    if start >= 0:
+        end = text.find("\n## ", start + len(DEMO_HEADING))
+        text = text[:start] + (text[end + 1:] if end >= 0 else "")
+    where = text.find("## How to load\n")
+    text = text[:where] + section + text[where:] if where >= 0 else text.rstrip("\n") + "\n\n" + section
+    with open(readme, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
 def pipeline_class_name(pipeline_config: Dict[str, Any]) -> Optional[str]:
     """The package pipeline class a ``model_index.json`` names, in either layout (``"_class_name": "MMFPipeline"``,
     or ``["pipeline", "MMFPipeline"]`` with the remote-code files); None when it names none."""
