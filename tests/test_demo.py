@@ -134,7 +134,7 @@ def test_conditional_labels_change_the_output(apps):
     (("wolf", 2, 1, 0), "unknown class 'wolf'; this model knows ['cat', 'dog', 'fox'] (and 'none')"),
     (("cat", 2, 1, -1), "the seed must be between 0"),
     (("cat", 2, 1, 0, "lots"), "the guidance scale must be a number (or empty), got 'lots'"),
-    ((NO_LABEL, 2, 1, 0, "2"), "`guidance_scale` needs `class_labels`"),  # the pipeline's own message
+    ((NO_LABEL, 2, 1, 0, "2"), "`guidance_scale` needs class labels"),  # the pipeline's own message
 ])
 def test_bad_input_is_a_readable_error(apps, args, message):
     with pytest.raises(gradio_client.exceptions.AppError) as error:

@@ -141,7 +141,7 @@ class ImageDemo:
             if label == EACH_CLASS:
                 extra["class_labels"], what = cycled_labels(num_images, len(self.class_names)), ", each class in turn"
             elif label == NO_LABEL:
-                extra["class_labels"], what = None, ", no label"
+                extra["class_labels"], what = NO_LABEL, ", no label"
             elif label in self.class_names:
                 extra["class_labels"], what = label, f", class {label}"
             else:
