@@ -25,8 +25,10 @@ Output (``--output_dir``):
                                                                       the pipeline: MMFPipeline.from_pretrained(dir)
                                                                       (EMA weights with --use_ema); refreshed at
                                                                       every checkpoint and at the end
-    checkpoint-<step>/            accelerate state + curriculum, LR schedule, data position and RNG, EMA, and
+    checkpoint-<step>/            accelerate state (model, optimiser, RNG) + mmf_state.json / .safetensors
+                                  (curriculum, LR schedule, data position, loss RNG, EMA: no pickles) and
                                   training_state.json (the resolved configuration); resumable
+    .mmf-train.lock               held by the running training process: a second run on this folder is refused
     samples/step-<step>-<k>step.png   sample grids at 1 and 2 steps, every --save_images_steps
     logs/train_log.jsonl          one JSON record per optimiser step (appended on resume: a resumed run logs the
                                   steps after its checkpoint again; the last record of a step is the valid one)
@@ -56,6 +58,7 @@ import argparse
 import json
 import math
 import os
+import pickle
 import signal
 import sys
 import time
@@ -65,6 +68,8 @@ if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
 from data import OFFLINE_DATASETS, DataError, check_data_source  # noqa: E402  (numpy + PIL only)
+import run_lock  # noqa: E402  (fcntl only)
+import run_state  # noqa: E402  (imports torch/safetensors only inside its functions)
 import trajectory_modality  # noqa: E402  (--modality trajectory; argparse only at import)
 
 LAM_SCHEDULES = ("constant", "linear", "cosine", "sqrt", "step")
@@ -394,9 +399,9 @@ def public_config(args: argparse.Namespace) -> dict:
 
 
 class TrainingState:
-    """Position of the run, saved with every checkpoint (accelerate custom object): the optimiser step, the global
-    micro-batch index (the data position: see data.ShardedBatchSampler) and the state of the generator that draws
-    the loss's (t, r, noise)."""
+    """Position of the run, saved with every checkpoint (by run_state, as JSON + safetensors): the optimiser step,
+    the global micro-batch index (the data position: see data.ShardedBatchSampler) and the state of the generator
+    that draws the loss's (t, r, noise)."""
 
     def __init__(self, generator):
         self.generator = generator
@@ -528,7 +533,15 @@ def main(argv=None) -> int:
     """Parse, validate, train. Exit status: 0 done, 2 bad input, 1 diverged (non-finite loss)."""
     args = parse_args(argv)
     try:
+        # One writer per --output_dir (the main process holds the lock until it exits, however it exits), then
+        # finish a checkpoint commit that a crash interrupted, before anything lists or rotates checkpoints.
+        if os.environ.get("RANK", "0") == "0":
+            run_lock.acquire(args.output_dir)
+            _import_checkpointing().recover_interrupted_commits(args.output_dir)
         return train(args)
+    except run_lock.OutputDirLocked as error:
+        print(f"train_mmf.py: error: {error}", file=sys.stderr)
+        return 2
     except (DataError, ConfigError) as error:
         print(f"train_mmf.py: error: {error}", file=sys.stderr)
         return 2
@@ -560,11 +573,20 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
     # 2. resume target and seed (a resumed run keeps the checkpoint's seed: it fixes data order and noise)
     resume_path = None
     if args.resume_from_checkpoint == "latest":
-        resume_path = ckpt.latest_checkpoint(args.output_dir)
+        resume_path = ckpt.latest_checkpoint(args.output_dir, required=run_state.CHECKPOINT_FILES,
+                                             on_skip=lambda path, why: log(f"Skipping damaged {path}: {why}"))
         if resume_path is None:
             log(f"No complete checkpoint in {args.output_dir}; starting a new training run.")
     elif args.resume_from_checkpoint is not None:
         resume_path = args.resume_from_checkpoint
+        problem = ckpt.checkpoint_problem(resume_path, run_state.CHECKPOINT_FILES)
+        if problem:
+            raise ConfigError(f"Cannot resume from {resume_path}: {problem}")
+    if resume_path is not None:
+        try:
+            run_state.refuse_pickled_state(resume_path)  # before reading anything else in it
+        except run_state.UnsafeCheckpoint as error:
+            raise ConfigError(f"Cannot resume: {error}")
     resume_meta = ckpt.read_metadata(resume_path) if resume_path else None
     if resume_meta is not None:
         saved_seed = resume_meta["config"]["seed"]
@@ -708,9 +730,8 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
     else:
         model_fn = unet_model_fn(inner, args.time_scale, args.second_time, conditioner=inner_conditioner)
     params = [p for p in inner_parameters() if p.requires_grad]
-    accelerator.register_for_checkpointing(schedule, lr_scheduler, state)
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
+    # The curriculum, LR schedule, run position and EMA are saved by run_state as JSON + safetensors, not registered
+    # with accelerate (which pickles them and would unpickle a crafted checkpoint with weights_only=False).
 
     # 5. resume
     if resume_path is not None:
@@ -725,15 +746,28 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
         if bool(meta["config"].get("class_conditional")) != bool(args.class_conditional):
             problems.append(f"--class_conditional {bool(meta['config'].get('class_conditional'))} -> "
                             f"{bool(args.class_conditional)}")
+        current = dict(public_config(args), num_channels=num_channels)
+        problems += run_state.resume_conflicts(meta["config"], current)
         if problems:
-            raise ConfigError(f"Cannot resume from {resume_path}: the run changed ({'; '.join(problems)}).")
+            raise ConfigError(f"Cannot resume from {resume_path}: the run changed ({'; '.join(problems)}). These "
+                              "flags are fixed by the checkpoint: leave them out or use the values it was saved with.")
         log(f"Resuming from {resume_path}")
         try:
+            run_state.refuse_pickled_state(resume_path)
             accelerator.load_state(resume_path)
-        except ValueError as error:  # e.g. LambdaSchedule refuses a different curriculum
+            run_state.load_state(resume_path, schedule=schedule, lr_scheduler=lr_scheduler, position=state, ema=ema)
+        except ValueError as error:  # e.g. LambdaSchedule refuses a different curriculum; a malformed state
             raise ConfigError(f"Cannot resume from {resume_path}: {error}")
+        except (OSError, RuntimeError, KeyError, pickle.UnpicklingError) as error:  # a damaged accelerate file
+            raise ConfigError(f"Cannot resume from {resume_path}: a file of the checkpoint is damaged or missing "
+                              f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})")
         if ema is not None:
             ema.to(accelerator.device)
+        # A new --learning_rate on resume is honoured (e.g. after a divergence): the restored schedule continues
+        # from its position with the new peak, and training_config.json records the value in use.
+        old_lr = run_state.set_base_learning_rate(optimizer, lr_scheduler, args.learning_rate)
+        if old_lr is not None:
+            log(f"Learning rate: the peak {old_lr:g} of the checkpoint becomes --learning_rate {args.learning_rate:g}")
     global_step = state.global_step
 
     config = public_config(args)
@@ -814,6 +848,8 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
 
     def save_pipeline_folder(step: int, wall_time: float, final: bool):
         """The loadable pipeline (EMA weights with --use_ema), its card and a one-step sample grid."""
+        _refuse_non_finite_weights(inner_modules, ema, step, args)
+
         def run():
             make_pipeline().save_pretrained(args.output_dir)
         with_ema_weights(run)
@@ -838,6 +874,7 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
         push_fn(args.output_dir, f"{'End of training' if final else 'Checkpoint'}: step {step}")
 
     def save_checkpoint(step: int):
+        _refuse_non_finite_weights(inner_modules, ema, step, args)  # the last good checkpoint and pipeline stay
         tmp = ckpt.temp_checkpoint_dir(args.output_dir, step)
         if is_main:
             ckpt.prepare_temp_dir(args.output_dir, step)
@@ -845,6 +882,7 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
         accelerator.save_state(tmp)
         accelerator.wait_for_everyone()
         if is_main:
+            run_state.save_state(tmp, schedule=schedule, lr_scheduler=lr_scheduler, position=state, ema=ema)
             _test_kill("during_save", step)
             metadata = {"global_step": step, "micro_batch": state.micro_batch, "global_batch_size": global_batch,
                         "num_samples": len(dataset), "use_ema": bool(args.use_ema),
@@ -991,6 +1029,20 @@ def _check_param_sync(accelerator, params, step: int) -> None:
     gathered = accelerator.gather(value).tolist()
     if len(set(gathered)) != 1:
         raise RuntimeError(f"Parameters differ across processes after step {step}: checksums {gathered}")
+
+
+def _refuse_non_finite_weights(modules, ema, step: int, args) -> None:
+    """Raise TrainingDiverged before a save if any weight (or EMA weight) is NaN or infinite: a checkpoint or
+    pipeline with such weights is useless, and writing it would replace the last good one."""
+    import torch
+
+    bad = [name for module in modules for name, p in module.named_parameters() if not bool(torch.isfinite(p).all())]
+    if ema is not None:
+        bad += [f"ema.{i}" for i, p in enumerate(ema.shadow_params) if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise TrainingDiverged(_diverged_message(f"weights in {len(bad)} tensors (e.g. {bad[0]})", float("nan"), step,
+                                                 float("nan"), args).replace("stopping without saving",
+                                                                             "stopping before saving them"))
 
 
 def _diverged_message(what: str, value: float, step: int, lam: float, args) -> str:
