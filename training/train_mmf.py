@@ -308,6 +308,7 @@ def validate_args(args: argparse.Namespace) -> None:
     need(0.0 <= args.cfg_kappa < 1.0, f"--cfg_kappa must be in [0, 1), got {args.cfg_kappa}")
     need(args.label_init_std is None or args.label_init_std >= 0,
          f"--label_init_std must be >= 0, got {args.label_init_std}")
+    _check_ranges(args, need)
     guided = args.cfg_w != 1.0 or args.cfg_kappa != 0.0
     if not args.class_conditional:
         for flag, used in (("--label_column", args.label_column is not None), ("--cfg_w / --cfg_kappa", guided),
@@ -354,6 +355,27 @@ def validate_args(args: argparse.Namespace) -> None:
     else:
         need(args.hub_model_id is None and not args.hub_private_repo,
              "--hub_model_id / --hub_private_repo only make sense with --push_to_hub")
+
+
+#: Upper bounds of numeric flags: beyond them training is meaningless (--adaptive_p 1e10 weights every row to ~0,
+#: |--time_mean| 1e300 puts every time at 0 or 1, so r = t) or the run asks for absurd memory or time up front.
+FLAG_LIMITS = {
+    "adaptive_p": 2.0, "time_std": 10.0, "adaptive_c": 1e3, "fd_eps": 0.5, "time_scale": 1e6, "cfg_w": 100.0,
+    "label_init_std": 100.0, "ema_power": 10.0, "ema_inv_gamma": 1e6, "gradient_accumulation_steps": 4096,
+    "train_batch_size": 65536, "resolution": 4096, "num_sample_images": 1024, "layers_per_block": 16,
+    "norm_num_groups": 1024, "attention_head_dim": 4096, "dataloader_num_workers": 256, "max_train_steps": 10**9,
+    "num_epochs": 10**6,
+}
+
+
+def _check_ranges(args: argparse.Namespace, need) -> None:
+    for name, limit in FLAG_LIMITS.items():
+        value = getattr(args, name, None)
+        need(value is None or value <= limit, f"--{name} must be <= {limit:g}, got {value:g}")
+    need(abs(args.time_mean) <= 10.0, f"--time_mean must be in [-10, 10] (the logit of the median time), got "
+         f"{args.time_mean:g}")
+    need(all(c <= 4096 for c in args.block_out_channels) and len(args.block_out_channels) <= 8,
+         f"--block_out_channels: at most 8 levels of at most 4096 channels, got {args.block_out_channels}")
 
 
 def _import_checkpointing():
