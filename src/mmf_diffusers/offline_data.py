@@ -50,11 +50,12 @@ def mnist_source() -> Optional[str]:
 #: any file, this one included, is read with `_ArrayUnpickler`, which cannot run code.
 MNIST_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
 
-# The only globals a pickle of numpy arrays needs (numpy 1.x and 2.x module names).
+# The only globals a pickle of numpy arrays needs (numpy 1.x and 2.x module names, Python 2 and 3 writers).
 _ARRAY_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
     ("numpy", "ndarray"), ("numpy", "dtype"),
     ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("_codecs", "encode"),  # how Python 3 writes bytes into a protocol-2 pickle: str -> bytes, no code
 }
 
 
