@@ -371,7 +371,8 @@ FLAG_LIMITS = {
 def _check_ranges(args: argparse.Namespace, need) -> None:
     for name, limit in FLAG_LIMITS.items():
         value = getattr(args, name, None)
-        need(value is None or value <= limit, f"--{name} must be <= {limit:g}, got {value:g}")
+        if value is not None:
+            need(value <= limit, f"--{name} must be <= {limit:g}, got {value:g}")
     need(abs(args.time_mean) <= 10.0, f"--time_mean must be in [-10, 10] (the logit of the median time), got "
          f"{args.time_mean:g}")
     need(all(c <= 4096 for c in args.block_out_channels) and len(args.block_out_channels) <= 8,

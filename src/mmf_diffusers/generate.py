@@ -90,11 +90,13 @@ def output_file_problem(output: str, extensions=IMAGE_EXTENSIONS) -> Optional[st
 
 def load_pipeline(pipeline: str, device: str, prog: str):
     """``MMFPipeline.from_pretrained(pipeline).to(device)``, or SystemExit(2) with a one-line reason: a damaged or
-    foreign folder, a Hub repo that does not exist or does not answer (huggingface_hub's timeouts:
-    HF_HUB_ETAG_TIMEOUT, HF_HUB_DOWNLOAD_TIMEOUT), an unknown device."""
+    foreign folder, a Hub repo that does not exist or does not answer (every Hub request has a time limit:
+    `mmf_diffusers.hub_timeouts`, MMF_HUB_TIMEOUT), an unknown device."""
+    from .hub_timeouts import use_hub_timeouts
     from .pipeline_mmf import MMFPipeline
 
     try:
+        use_hub_timeouts()
         pipe = MMFPipeline.from_pretrained(pipeline)
     except Exception as error:  # noqa: BLE001 - diffusers and the Hub raise many kinds; each becomes one line
         _fail(prog, f"cannot load the pipeline {pipeline}: {_one_line(error)}")
