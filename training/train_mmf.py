@@ -342,6 +342,7 @@ def validate_args(args: argparse.Namespace) -> None:
         need(os.path.isdir(resume), f"--resume_from_checkpoint {resume!r} is not a folder (or use 'latest')")
         need(os.path.isfile(os.path.join(resume, METADATA_FILE)),
              f"--resume_from_checkpoint {resume!r} is not a complete checkpoint (no {METADATA_FILE})")
+        run_state.refuse_pickled_state(resume)  # UnsafeCheckpoint is a ValueError: exit 2 with its message
 
     if args.logger == "wandb":
         import importlib.util

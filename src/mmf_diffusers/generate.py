@@ -8,6 +8,7 @@ Writes one PNG grid (and, with ``--save-individual``, one PNG per image next to 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -92,12 +93,13 @@ def load_pipeline(pipeline: str, device: str, prog: str):
     """``MMFPipeline.from_pretrained(pipeline).to(device)``, or SystemExit(2) with a one-line reason: a damaged or
     foreign folder, a Hub repo that does not exist or does not answer (every Hub request has a time limit:
     `mmf_diffusers.hub_timeouts`, MMF_HUB_TIMEOUT), an unknown device."""
-    from .hub_timeouts import use_hub_timeouts
+    from .hub_timeouts import quiet_loading, use_hub_timeouts
     from .pipeline_mmf import MMFPipeline
 
     try:
         use_hub_timeouts()
-        pipe = MMFPipeline.from_pretrained(pipeline)
+        with quiet_loading() if os.path.isdir(pipeline) else contextlib.nullcontext():  # downloads keep their bars
+            pipe = MMFPipeline.from_pretrained(pipeline)
     except Exception as error:  # noqa: BLE001 - diffusers and the Hub raise many kinds; each becomes one line
         _fail(prog, f"cannot load the pipeline {pipeline}: {_one_line(error)}")
     try:

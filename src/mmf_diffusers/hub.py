@@ -40,7 +40,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects  # upload_folder's own ignores
 
 from .checkpointing import safetensors_problem
-from .hub_timeouts import hub_timeout, is_network_error, use_hub_timeouts
+from .hub_timeouts import hub_timeout, is_network_error, quiet_loading, use_hub_timeouts
 from .model_card import REPO_PLACEHOLDER, is_mmf_card, write_model_card
 from .pipeline_mmf import PACKAGE_LAYOUT_KEY
 
@@ -324,7 +324,8 @@ def validate_pipeline_folder(folder: PathLike, files: Iterable[str]) -> None:
             if problem:
                 raise ValueError(f"Refusing to upload {folder}: {relative} is damaged ({problem})")
     try:
-        pipe = load_pipeline(str(folder))
+        with quiet_loading():
+            pipe = load_pipeline(str(folder))
     except Exception as error:  # noqa: BLE001 - whatever diffusers raises, the folder does not load
         text = str(error).strip().splitlines()
         raise ValueError(f"Refusing to upload {folder}: it does not load ({type(error).__name__}: "

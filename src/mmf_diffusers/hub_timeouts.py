@@ -67,3 +67,21 @@ def is_network_error(error: BaseException) -> bool:
     except ImportError:  # huggingface_hub < 2.4 used httpx
         import httpx
     return isinstance(error, (httpx.TransportError, TimeoutError, ConnectionError))
+
+
+class quiet_loading:
+    """Context manager: no diffusers progress bar while a pipeline folder loads (three components take no time
+    worth a bar); the previous setting comes back afterwards."""
+
+    def __enter__(self):
+        from diffusers.utils import logging as diffusers_logging
+
+        self._logging = diffusers_logging
+        self._was_enabled = diffusers_logging.is_progress_bar_enabled()
+        diffusers_logging.disable_progress_bar()
+        return self
+
+    def __exit__(self, *exc):
+        if self._was_enabled:
+            self._logging.enable_progress_bar()
+        return False
