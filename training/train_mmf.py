@@ -484,8 +484,26 @@ def _make_push_fn(args):
         return lambda folder, commit_message: None
     from mmf_diffusers.hub import make_push_fn
 
-    return make_push_fn(args, ignore_patterns=["checkpoint-*", ".tmp-*", ".trash-*", "logs/*", "samples/*"],
-                        validate=True)
+    try:  # a rejected token or a Hub that does not answer: a clear error before any training
+        push = make_push_fn(args, ignore_patterns=["checkpoint-*", ".tmp-*", ".trash-*", "logs/*", "samples/*"],
+                            validate=True)
+    except ValueError as error:
+        raise ConfigError(str(error))
+
+    def push_or_warn(folder, commit_message):
+        # A failed push (network, Hub error) must not end the run: the pipeline and checkpoint are saved locally,
+        # and the next checkpoint pushes again.
+        try:
+            return push(folder, commit_message)
+        except Exception as error:  # noqa: BLE001
+            text = str(error).splitlines()[0] if str(error) else ""
+            if args.hub_token:
+                text = text.replace(args.hub_token, REDACTED)
+            print(f"train_mmf.py: warning: the push to the Hub failed ({type(error).__name__}: {text}); "
+                  "training goes on, the next checkpoint pushes again", file=sys.stderr)
+            return None
+
+    return push_or_warn
 
 
 def _write_model_card(output_dir: str, args, extra: dict) -> None:

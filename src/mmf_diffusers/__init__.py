@@ -9,7 +9,8 @@ import importlib
 from typing import TYPE_CHECKING
 
 # Names are imported on first use (PEP 562), so that `mmf-generate --help` and argument errors come before torch
-# and diffusers load (seconds). diffusers resolves the classes named in model_index.json through this module
+# and diffusers load (seconds). A module imported directly (`from mmf_diffusers.pipeline_mmf import MMFPipeline`)
+# does not import the others; use the package's names (`from mmf_diffusers import MMFPipeline`) to load folders. diffusers resolves the classes named in model_index.json through this module
 # (["mmf_diffusers", "MMFScheduler"]) with getattr, which imports them here; the mixins it checks against must be
 # reachable from here too.
 _EXPORTS = {
@@ -29,13 +30,18 @@ _EXPORTS = {
 }
 
 
+def _import_all() -> None:
+    # All at once, as an eager __init__ would: diffusers' from_pretrained resolves a saved component's module (e.g.
+    # "mmf_diffusers.scheduling_mmf") only if it is imported already, so using one name must import them all.
+    for name, module in _EXPORTS.items():
+        globals()[name] = getattr(importlib.import_module(module, __name__), name)  # later lookups skip __getattr__
+
+
 def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
+    if name not in _EXPORTS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
+    _import_all()
+    return globals()[name]
 
 
 def __dir__():

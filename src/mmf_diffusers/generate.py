@@ -93,8 +93,8 @@ def load_pipeline(pipeline: str, device: str, prog: str):
     """``MMFPipeline.from_pretrained(pipeline).to(device)``, or SystemExit(2) with a one-line reason: a damaged or
     foreign folder, a Hub repo that does not exist or does not answer (every Hub request has a time limit:
     `mmf_diffusers.hub_timeouts`, MMF_HUB_TIMEOUT), an unknown device."""
+    from . import MMFPipeline  # the package's name: imports every component class that a folder may name
     from .hub_timeouts import quiet_loading, use_hub_timeouts
-    from .pipeline_mmf import MMFPipeline
 
     try:
         use_hub_timeouts()
