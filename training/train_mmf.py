@@ -258,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hub_model_id", type=str, default=None,
                    help="Repository to push to (default: the name of --output_dir under your account).")
     g.add_argument("--hub_token", type=str, default=None,
-                   help="Hub token (default: HF_TOKEN or the cached login). Never printed or saved.")
+                   help="Hub token. Prefer HF_TOKEN or the cached login (`hf auth login`), used when this is left out: "
+                   "a token on the command line is visible to other users (ps). Never printed or saved.")
     g.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repository as private.")
     trajectory_modality.add_arguments(parser)
     return parser
