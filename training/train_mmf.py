@@ -1083,9 +1083,10 @@ def _refuse_non_finite_weights(modules, ema, step: int, args) -> None:
     if ema is not None:
         bad += [f"ema.{i}" for i, p in enumerate(ema.shadow_params) if not bool(torch.isfinite(p).all())]
     if bad:
-        raise TrainingDiverged(_diverged_message(f"weights in {len(bad)} tensors (e.g. {bad[0]})", float("nan"), step,
-                                                 float("nan"), args).replace("stopping without saving",
-                                                                             "stopping before saving them"))
+        raise TrainingDiverged(
+            f"non-finite weights in {len(bad)} tensor(s) (e.g. {bad[0]}) at step {step}; stopping before saving them. "
+            f"The last complete checkpoint and pipeline in {args.output_dir} are intact: resume with "
+            "--resume_from_checkpoint latest, e.g. with a lower --learning_rate.")
 
 
 def _diverged_message(what: str, value: float, step: int, lam: float, args) -> str:
