@@ -48,7 +48,7 @@ PathLike = Union[str, os.PathLike]
 
 MODEL_INDEX = "model_index.json"
 REMOTE_PIPELINE_MODULE = "pipeline"  # diffusers' documented name for a repository's own pipeline file
-PACKAGE = __name__.split(".")[0]
+PACKAGE = (__package__ or __name__).split(".")[0]  # also when run as python -m mmf_diffusers.hub
 
 AUTH_HELP = "set HF_TOKEN, log in once with `hf auth login`, or pass a token (token=... / --token)"
 #: What a pipeline folder pushes besides its components: the index, the card, its images, the remote-code module.
