@@ -231,6 +231,32 @@ def test_a_second_writer_is_refused_at_once_and_a_killed_one_leaves_no_stale_loc
     assert "pid %d" % os.getpid() in (out / run_lock.LOCK_FILE).read_text()
 
 
+def test_the_lock_stays_with_a_training_child_whose_launcher_was_killed(tmp_path):
+    """As with `accelerate launch`: the launcher starts the training process, which takes the lock; SIGKILL of the
+    launcher leaves the child training, and the folder stays locked until the child ends."""
+    out = tmp_path / "run"
+    child = ("import sys, time; sys.path.insert(0, sys.argv[1]); import run_lock; run_lock.acquire(sys.argv[2]); "
+             "print(flush=True); time.sleep(60)")
+    launcher = subprocess.Popen([sys.executable, "-c", "import subprocess, sys; p = subprocess.Popen([sys.executable, "
+                                 "'-c', sys.argv[1], sys.argv[2], sys.argv[3]], stdout=subprocess.PIPE, text=True); "
+                                 "p.stdout.readline(); print(p.pid, flush=True); p.wait()", child,
+                                 str(REPO / "training"), str(out)], stdout=subprocess.PIPE, text=True, env=env())
+    child_pid = int(launcher.stdout.readline())
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait()
+    try:
+        assert f"pid {child_pid}" in run_lock.holder(str(out))
+        with pytest.raises(run_lock.OutputDirLocked):
+            run_lock.acquire(str(out))
+    finally:
+        os.kill(child_pid, signal.SIGKILL)
+    for _ in range(100):  # the kernel releases the flock once the child is gone
+        if run_lock.holder(str(out)) is None:
+            break
+        time.sleep(0.05)
+    assert run_lock.holder(str(out)) is None
+
+
 # ---------------------------------------------------------------------------------------- nothing silently wrong
 def test_frozen_flags_are_listed_and_a_new_learning_rate_is_used(tmp_path):
     saved = {"resolution": 28, "block_out_channels": [32, 64], "derivative": "jvp", "adam_beta1": 0.95,

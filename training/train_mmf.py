@@ -819,7 +819,7 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
                   mmf_diffusers_version=mmf_diffusers.__version__, torch_version=torch.__version__)
     if is_main:
         os.makedirs(args.output_dir, exist_ok=True)
-        log("Configuration:\n" + json.dumps(config, indent=2, sort_keys=True))
+        log(_config_summary(config, os.path.join(args.output_dir, CONFIG_FILE)))
         with open(os.path.join(args.output_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, sort_keys=True)
     if args.logger != "none":
@@ -1028,6 +1028,18 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
     log(f"Done: {global_step} steps in {time.time() - start_time:.1f} s; peak RSS {peak_mib:.0f} MiB (this process). "
         f"Pipeline in {args.output_dir}")
     return 0
+
+
+def _config_summary(config: dict, path: str) -> str:
+    """One paragraph instead of the whole JSON: the flags that differ from their defaults, then the run's size; the
+    full resolved configuration is in ``path``."""
+    parser = build_parser()
+    changed = [f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in sorted(config.items())
+               if k in vars(parser.parse_args([], namespace=argparse.Namespace())) and v != parser.get_default(k)
+               and v is not None]
+    sizes = ", ".join(f"{k} {config[k]}" for k in ("num_processes", "global_batch_size", "num_training_images",
+                                                     "num_channels", "num_parameters") if k in config)
+    return f"Configuration (all of it in {path}): {' '.join(changed)}; {sizes}"
 
 
 def _tensorboard_tracker(accelerator):
