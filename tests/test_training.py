@@ -229,7 +229,7 @@ def test_resume_refuses_fixed_flags_and_honours_a_new_learning_rate(tmp_path):
     out = tmp_path / "run"
     base = ["--dataset_name", "sklearn-digits", *TINY, "--train_batch_size", "4", "--max_train_steps", "2",
             "--checkpointing_steps", "2", "--logger", "none", "--lr_scheduler", "constant", "--learning_rate", "1e-3",
-            "--output_dir", out]
+            "--lam_warmup_steps", "1", "--output_dir", out]  # (the default warmup, a third of the steps, would change)
     check(run_script(tmp_path, base))
     checkpoint = out / "checkpoint-2"
     assert (checkpoint / "mmf_state.json").is_file() and (checkpoint / "mmf_state.safetensors").is_file()
