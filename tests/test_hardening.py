@@ -200,9 +200,42 @@ def test_a_checkpoint_with_an_accelerate_pickle_is_refused_before_any_work(tmp_p
                              "sklearn-digits", "--output_dir", str(tmp_path / "run"), "--resume_from_checkpoint",
                              str(checkpoint)], env=env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
-    assert "custom_checkpoint_0.pkl" in result.stderr and "refuses" in result.stderr
+    assert "custom_checkpoint_0.pkl" in result.stderr and "convert_checkpoint.py" in result.stderr
     assert "Traceback" not in result.stderr and not marker.exists()
     assert time.time() - start < 30  # before torch is imported
+
+
+def test_an_old_checkpoint_converts_safely_and_a_crafted_one_does_not(tmp_path):
+    import convert_checkpoint
+
+    model, optimizer, lr_scheduler, schedule, position, ema = make_training_objects(0)
+    optimizer.step()
+    lr_scheduler.step()
+    schedule.step()
+    ema.step(model.parameters())
+    position.global_step, position.micro_batch = 1, 2
+    old = tmp_path / "checkpoint-1"
+    old.mkdir()
+    # what accelerate's register_for_checkpointing wrote: torch.save(obj.state_dict()) per object, in order
+    old_position = {"global_step": 1, "micro_batch": 2, "generator": position.generator.get_state()}
+    for i, state in enumerate((schedule.state_dict(), lr_scheduler.state_dict(), old_position, ema.state_dict())):
+        torch.save(state, old / f"custom_checkpoint_{i}.pkl")
+    assert "step 1, with EMA" in convert_checkpoint.convert(str(old))
+    assert not list(old.glob("*.pkl"))
+    _, _, lr_scheduler2, schedule2, position2, ema2 = make_training_objects(1)
+    run_state.load_state(str(old), schedule=schedule2, lr_scheduler=lr_scheduler2, position=position2, ema=ema2)
+    assert lr_scheduler2.state_dict() == lr_scheduler.state_dict() and schedule2.current_step == 1
+    assert torch.equal(position2.generator.get_state(), position.generator.get_state())
+    assert all(torch.equal(a, b) for a, b in zip(ema2.shadow_params, ema.shadow_params))
+
+    marker = tmp_path / "pwned"
+    crafted = tmp_path / "checkpoint-2"
+    crafted.mkdir()
+    for i in range(3):
+        (crafted / f"custom_checkpoint_{i}.pkl").write_bytes(pickle.dumps(Payload(marker)))
+    with pytest.raises(ValueError, match="not plain training state"):
+        convert_checkpoint.convert(str(crafted))
+    assert not marker.exists() and len(list(crafted.glob("*.pkl"))) == 3
 
 
 # ----------------------------------------------------------------------------------------------- one writer

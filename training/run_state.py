@@ -41,8 +41,8 @@ def refuse_pickled_state(folder: str) -> None:
     if pickles:
         raise UnsafeCheckpoint(
             f"{folder} holds {', '.join(pickles)}: pickled training state, which loading would execute. This "
-            "version stores it as JSON/safetensors and refuses such checkpoints; start a new run, or resume from a "
-            "checkpoint written by this version.")
+            "version stores it as JSON/safetensors and refuses such checkpoints; if an older train_mmf.py wrote it, "
+            f"convert it first (safely): python training/convert_checkpoint.py {folder}")
 
 
 def _json_safe(value: Any, where: str) -> Any:
