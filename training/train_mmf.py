@@ -616,8 +616,18 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
     # 2. resume target and seed (a resumed run keeps the checkpoint's seed: it fixes data order and noise)
     resume_path = None
     if args.resume_from_checkpoint == "latest":
+        found = ckpt.list_checkpoints(args.output_dir)
+        try:  # an older script's checkpoint is refused, not skipped (a fresh run would overwrite it)
+            if found:
+                run_state.refuse_pickled_state(found[-1][1])
+        except run_state.UnsafeCheckpoint as error:
+            raise ConfigError(f"Cannot resume: {error}")
         resume_path = ckpt.latest_checkpoint(args.output_dir, required=run_state.CHECKPOINT_FILES,
                                              on_skip=lambda path, why: log(f"Skipping damaged {path}: {why}"))
+        if resume_path is None and found:
+            raise ConfigError(f"--resume_from_checkpoint latest: none of the {len(found)} checkpoints in "
+                              f"{args.output_dir} is intact (see above); a new run would overwrite them. Move them "
+                              "away to start afresh.")
         if resume_path is None:
             log(f"No complete checkpoint in {args.output_dir}; starting a new training run.")
     elif args.resume_from_checkpoint is not None:
