@@ -204,6 +204,13 @@ def test_a_checkpoint_with_an_accelerate_pickle_is_refused_before_any_work(tmp_p
     assert "Traceback" not in result.stderr and not marker.exists()
     assert time.time() - start < 30  # before torch is imported
 
+    # with `latest` it is refused too, not skipped: a fresh run would overwrite it
+    result = subprocess.run([sys.executable, str(REPO / "training" / "train_mmf.py"), "--dataset_name",
+                             "sklearn-digits", "--output_dir", str(tmp_path / "run"), "--resume_from_checkpoint",
+                             "latest"], env=env(), capture_output=True, text=True, timeout=180)
+    assert result.returncode == 2 and "convert_checkpoint.py" in result.stderr, result.stderr[-2000:]
+    assert not marker.exists() and sorted(os.listdir(checkpoint)) == ["custom_checkpoint_0.pkl", ckpt.METADATA_FILE]
+
 
 def test_an_old_checkpoint_converts_safely_and_a_crafted_one_does_not(tmp_path):
     import convert_checkpoint
