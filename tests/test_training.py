@@ -223,6 +223,31 @@ def test_sigkill_after_and_during_checkpoint_then_resume_reproduces_the_run(tmp_
     assert sum('"event": "resume"' in line for line in log_lines) == 2
 
 
+def test_resume_refuses_fixed_flags_and_honours_a_new_learning_rate(tmp_path):
+    """The training state is JSON + safetensors (no pickle for accelerate to unpickle); a resume lists the flags it
+    cannot change, and a new --learning_rate is used from the resumed step on and recorded."""
+    out = tmp_path / "run"
+    base = ["--dataset_name", "sklearn-digits", *TINY, "--train_batch_size", "4", "--max_train_steps", "2",
+            "--checkpointing_steps", "2", "--logger", "none", "--lr_scheduler", "constant", "--learning_rate", "1e-3",
+            "--lam_warmup_steps", "1", "--output_dir", out]  # (the default warmup, a third of the steps, would change)
+    check(run_script(tmp_path, base))
+    checkpoint = out / "checkpoint-2"
+    assert (checkpoint / "mmf_state.json").is_file() and (checkpoint / "mmf_state.safetensors").is_file()
+    assert not list(checkpoint.glob("custom_checkpoint_*.pkl"))
+
+    resume = ["--resume_from_checkpoint", "latest", "--max_train_steps", "4"]
+    result = run_script(tmp_path, base + resume + ["--derivative", "finite_difference", "--adaptive_p", "1"])
+    check(result, 2)
+    assert "--derivative jvp -> finite_difference" in result.stderr and "--adaptive_p 0.0 -> 1.0" in result.stderr
+
+    result = run_script(tmp_path, base + resume + ["--learning_rate", "5e-4"])
+    check(result)
+    assert "becomes --learning_rate 0.0005" in result.stdout
+    log = read_log(out)
+    assert log[2]["lr"] == 1e-3 and log[3]["lr"] == log[4]["lr"] == 5e-4
+    assert json.loads((out / "training_config.json").read_text())["learning_rate"] == 5e-4
+
+
 def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_path):
     out = tmp_path / "run"
     # lr 0 at step 1 (warmup), then 1e30: the weights explode and step 3's loss is not finite.

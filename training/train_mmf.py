@@ -25,8 +25,10 @@ Output (``--output_dir``):
                                                                       the pipeline: MMFPipeline.from_pretrained(dir)
                                                                       (EMA weights with --use_ema); refreshed at
                                                                       every checkpoint and at the end
-    checkpoint-<step>/            accelerate state + curriculum, LR schedule, data position and RNG, EMA, and
+    checkpoint-<step>/            accelerate state (model, optimiser, RNG) + mmf_state.json / .safetensors
+                                  (curriculum, LR schedule, data position, loss RNG, EMA: no pickles) and
                                   training_state.json (the resolved configuration); resumable
+    .mmf-train.lock               held by the running training process: a second run on this folder is refused
     samples/step-<step>-<k>step.png   sample grids at 1 and 2 steps, every --save_images_steps
     logs/train_log.jsonl          one JSON record per optimiser step (appended on resume: a resumed run logs the
                                   steps after its checkpoint again; the last record of a step is the valid one)
@@ -56,6 +58,7 @@ import argparse
 import json
 import math
 import os
+import pickle
 import signal
 import sys
 import time
@@ -65,6 +68,8 @@ if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
 from data import OFFLINE_DATASETS, DataError, check_data_source  # noqa: E402  (numpy + PIL only)
+import run_lock  # noqa: E402  (fcntl only)
+import run_state  # noqa: E402  (imports torch/safetensors only inside its functions)
 import trajectory_modality  # noqa: E402  (--modality trajectory; argparse only at import)
 
 LAM_SCHEDULES = ("constant", "linear", "cosine", "sqrt", "step")
@@ -264,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hub_model_id", type=str, default=None,
                    help="Repository to push to (default: the name of --output_dir under your account).")
     g.add_argument("--hub_token", type=str, default=None,
-                   help="Hub token (default: HF_TOKEN or the cached login). Never printed or saved.")
+                   help="Hub token. Prefer HF_TOKEN or the cached login (`hf auth login`), used when this is left out: "
+                   "a token on the command line is visible to other users (ps). Never printed or saved.")
     g.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repository as private.")
     trajectory_modality.add_arguments(parser)
     return parser
@@ -318,6 +324,7 @@ def validate_args(args: argparse.Namespace) -> None:
     need(0.0 <= args.cfg_kappa < 1.0, f"--cfg_kappa must be in [0, 1), got {args.cfg_kappa}")
     need(args.label_init_std is None or args.label_init_std >= 0,
          f"--label_init_std must be >= 0, got {args.label_init_std}")
+    _check_ranges(args, need)
     guided = args.cfg_w != 1.0 or args.cfg_kappa != 0.0
     if not args.class_conditional:
         for flag, used in (("--label_column", args.label_column is not None), ("--cfg_w / --cfg_kappa", guided),
@@ -351,6 +358,7 @@ def validate_args(args: argparse.Namespace) -> None:
         need(os.path.isdir(resume), f"--resume_from_checkpoint {resume!r} is not a folder (or use 'latest')")
         need(os.path.isfile(os.path.join(resume, METADATA_FILE)),
              f"--resume_from_checkpoint {resume!r} is not a complete checkpoint (no {METADATA_FILE})")
+        run_state.refuse_pickled_state(resume)  # UnsafeCheckpoint is a ValueError: exit 2 with its message
 
     if args.logger == "wandb":
         import importlib.util
@@ -364,6 +372,28 @@ def validate_args(args: argparse.Namespace) -> None:
     else:
         need(args.hub_model_id is None and not args.hub_private_repo,
              "--hub_model_id / --hub_private_repo only make sense with --push_to_hub")
+
+
+#: Upper bounds of numeric flags: beyond them training is meaningless (--adaptive_p 1e10 weights every row to ~0,
+#: |--time_mean| 1e300 puts every time at 0 or 1, so r = t) or the run asks for absurd memory or time up front.
+FLAG_LIMITS = {
+    "adaptive_p": 2.0, "time_std": 10.0, "adaptive_c": 1e3, "fd_eps": 0.5, "time_scale": 1e6, "cfg_w": 100.0,
+    "label_init_std": 100.0, "ema_power": 10.0, "ema_inv_gamma": 1e6, "gradient_accumulation_steps": 4096,
+    "train_batch_size": 65536, "resolution": 4096, "num_sample_images": 1024, "layers_per_block": 16,
+    "norm_num_groups": 1024, "attention_head_dim": 4096, "dataloader_num_workers": 256, "max_train_steps": 10**9,
+    "num_epochs": 10**6,
+}
+
+
+def _check_ranges(args: argparse.Namespace, need) -> None:
+    for name, limit in FLAG_LIMITS.items():
+        value = getattr(args, name, None)
+        if value is not None:
+            need(value <= limit, f"--{name} must be <= {limit:g}, got {value:g}")
+    need(abs(args.time_mean) <= 10.0, f"--time_mean must be in [-10, 10] (the logit of the median time), got "
+         f"{args.time_mean:g}")
+    need(all(c <= 4096 for c in args.block_out_channels) and len(args.block_out_channels) <= 8,
+         f"--block_out_channels: at most 8 levels of at most 4096 channels, got {args.block_out_channels}")
 
 
 def _import_checkpointing():
@@ -409,9 +439,9 @@ def public_config(args: argparse.Namespace) -> dict:
 
 
 class TrainingState:
-    """Position of the run, saved with every checkpoint (accelerate custom object): the optimiser step, the global
-    micro-batch index (the data position: see data.ShardedBatchSampler) and the state of the generator that draws
-    the loss's (t, r, noise)."""
+    """Position of the run, saved with every checkpoint (by run_state, as JSON + safetensors): the optimiser step,
+    the global micro-batch index (the data position: see data.ShardedBatchSampler) and the state of the generator
+    that draws the loss's (t, r, noise)."""
 
     def __init__(self, generator):
         self.generator = generator
@@ -470,8 +500,26 @@ def _make_push_fn(args):
         return lambda folder, commit_message: None
     from mmf_diffusers.hub import make_push_fn
 
-    return make_push_fn(args, ignore_patterns=["checkpoint-*", ".tmp-*", ".trash-*", "logs/*", "samples/*"],
-                        validate=True)
+    try:  # a rejected token or a Hub that does not answer: a clear error before any training
+        push = make_push_fn(args, ignore_patterns=["checkpoint-*", ".tmp-*", ".trash-*", "logs/*", "samples/*"],
+                            validate=True)
+    except ValueError as error:
+        raise ConfigError(str(error))
+
+    def push_or_warn(folder, commit_message):
+        # A failed push (network, Hub error) must not end the run: the pipeline and checkpoint are saved locally,
+        # and the next checkpoint pushes again.
+        try:
+            return push(folder, commit_message)
+        except Exception as error:  # noqa: BLE001
+            text = str(error).splitlines()[0] if str(error) else ""
+            if args.hub_token:
+                text = text.replace(args.hub_token, REDACTED)
+            print(f"train_mmf.py: warning: the push to the Hub failed ({type(error).__name__}: {text}); "
+                  "training goes on, the next checkpoint pushes again", file=sys.stderr)
+            return None
+
+    return push_or_warn
 
 
 def _write_model_card(output_dir: str, args, extra: dict) -> None:
@@ -543,7 +591,15 @@ def main(argv=None) -> int:
     """Parse, validate, train. Exit status: 0 done, 2 bad input, 1 diverged (non-finite loss)."""
     args = parse_args(argv)
     try:
+        # One writer per --output_dir (the main process holds the lock until it exits, however it exits), then
+        # finish a checkpoint commit that a crash interrupted, before anything lists or rotates checkpoints.
+        if os.environ.get("RANK", "0") == "0":
+            run_lock.acquire(args.output_dir)
+            _import_checkpointing().recover_interrupted_commits(args.output_dir)
         return train(args)
+    except run_lock.OutputDirLocked as error:
+        print(f"train_mmf.py: error: {error}", file=sys.stderr)
+        return 2
     except (DataError, ConfigError) as error:
         print(f"train_mmf.py: error: {error}", file=sys.stderr)
         return 2
@@ -575,11 +631,30 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
     # 2. resume target and seed (a resumed run keeps the checkpoint's seed: it fixes data order and noise)
     resume_path = None
     if args.resume_from_checkpoint == "latest":
-        resume_path = ckpt.latest_checkpoint(args.output_dir)
+        found = ckpt.list_checkpoints(args.output_dir)
+        try:  # an older script's checkpoint is refused, not skipped (a fresh run would overwrite it)
+            if found:
+                run_state.refuse_pickled_state(found[-1][1])
+        except run_state.UnsafeCheckpoint as error:
+            raise ConfigError(f"Cannot resume: {error}")
+        resume_path = ckpt.latest_checkpoint(args.output_dir, required=run_state.CHECKPOINT_FILES,
+                                             on_skip=lambda path, why: log(f"Skipping damaged {path}: {why}"))
+        if resume_path is None and found:
+            raise ConfigError(f"--resume_from_checkpoint latest: none of the {len(found)} checkpoints in "
+                              f"{args.output_dir} is intact (see above); a new run would overwrite them. Move them "
+                              "away to start afresh.")
         if resume_path is None:
             log(f"No complete checkpoint in {args.output_dir}; starting a new training run.")
     elif args.resume_from_checkpoint is not None:
         resume_path = args.resume_from_checkpoint
+        problem = ckpt.checkpoint_problem(resume_path, run_state.CHECKPOINT_FILES)
+        if problem:
+            raise ConfigError(f"Cannot resume from {resume_path}: {problem}")
+    if resume_path is not None:
+        try:
+            run_state.refuse_pickled_state(resume_path)  # before reading anything else in it
+        except run_state.UnsafeCheckpoint as error:
+            raise ConfigError(f"Cannot resume: {error}")
     resume_meta = ckpt.read_metadata(resume_path) if resume_path else None
     if resume_meta is not None:
         saved_seed = resume_meta["config"]["seed"]
@@ -729,9 +804,8 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
     else:
         model_fn = unet_model_fn(inner, args.time_scale, args.second_time, conditioner=inner_conditioner)
     params = [p for p in inner_parameters() if p.requires_grad]
-    accelerator.register_for_checkpointing(schedule, lr_scheduler, state)
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
+    # The curriculum, LR schedule, run position and EMA are saved by run_state as JSON + safetensors, not registered
+    # with accelerate (which pickles them and would unpickle a crafted checkpoint with weights_only=False).
 
     # 5. resume
     if resume_path is not None:
@@ -746,15 +820,28 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
         if bool(meta["config"].get("class_conditional")) != bool(args.class_conditional):
             problems.append(f"--class_conditional {bool(meta['config'].get('class_conditional'))} -> "
                             f"{bool(args.class_conditional)}")
+        current = dict(public_config(args), num_channels=num_channels)
+        problems += run_state.resume_conflicts(meta["config"], current)
         if problems:
-            raise ConfigError(f"Cannot resume from {resume_path}: the run changed ({'; '.join(problems)}).")
+            raise ConfigError(f"Cannot resume from {resume_path}: the run changed ({'; '.join(problems)}). These "
+                              "flags are fixed by the checkpoint: leave them out or use the values it was saved with.")
         log(f"Resuming from {resume_path}")
         try:
+            run_state.refuse_pickled_state(resume_path)
             accelerator.load_state(resume_path)
-        except ValueError as error:  # e.g. LambdaSchedule refuses a different curriculum
+            run_state.load_state(resume_path, schedule=schedule, lr_scheduler=lr_scheduler, position=state, ema=ema)
+        except ValueError as error:  # e.g. LambdaSchedule refuses a different curriculum; a malformed state
             raise ConfigError(f"Cannot resume from {resume_path}: {error}")
+        except (OSError, RuntimeError, KeyError, pickle.UnpicklingError) as error:  # a damaged accelerate file
+            raise ConfigError(f"Cannot resume from {resume_path}: a file of the checkpoint is damaged or missing "
+                              f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})")
         if ema is not None:
             ema.to(accelerator.device)
+        # A new --learning_rate on resume is honoured (e.g. after a divergence): the restored schedule continues
+        # from its position with the new peak, and training_config.json records the value in use.
+        old_lr = run_state.set_base_learning_rate(optimizer, lr_scheduler, args.learning_rate)
+        if old_lr is not None:
+            log(f"Learning rate: the peak {old_lr:g} of the checkpoint becomes --learning_rate {args.learning_rate:g}")
     global_step = state.global_step
 
     config = public_config(args)
@@ -763,7 +850,7 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
                   mmf_diffusers_version=mmf_diffusers.__version__, torch_version=torch.__version__)
     if is_main:
         os.makedirs(args.output_dir, exist_ok=True)
-        log("Configuration:\n" + json.dumps(config, indent=2, sort_keys=True))
+        log(_config_summary(config, os.path.join(args.output_dir, CONFIG_FILE)))
         with open(os.path.join(args.output_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, sort_keys=True)
     if args.logger != "none":
@@ -835,6 +922,8 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
 
     def save_pipeline_folder(step: int, wall_time: float, final: bool):
         """The loadable pipeline (EMA weights with --use_ema), its card and a one-step sample grid."""
+        _refuse_non_finite_weights(inner_modules, ema, step, args)
+
         def run():
             make_pipeline().save_pretrained(args.output_dir)
         with_ema_weights(run)
@@ -859,6 +948,7 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
         push_fn(args.output_dir, f"{'End of training' if final else 'Checkpoint'}: step {step}")
 
     def save_checkpoint(step: int):
+        _refuse_non_finite_weights(inner_modules, ema, step, args)  # the last good checkpoint and pipeline stay
         tmp = ckpt.temp_checkpoint_dir(args.output_dir, step)
         if is_main:
             ckpt.prepare_temp_dir(args.output_dir, step)
@@ -866,6 +956,7 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
         accelerator.save_state(tmp)
         accelerator.wait_for_everyone()
         if is_main:
+            run_state.save_state(tmp, schedule=schedule, lr_scheduler=lr_scheduler, position=state, ema=ema)
             _test_kill("during_save", step)
             metadata = {"global_step": step, "micro_batch": state.micro_batch, "global_batch_size": global_batch,
                         "num_samples": len(dataset), "use_ema": bool(args.use_ema),
@@ -970,6 +1061,18 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
     return 0
 
 
+def _config_summary(config: dict, path: str) -> str:
+    """One paragraph instead of the whole JSON: the flags that differ from their defaults, then the run's size; the
+    full resolved configuration is in ``path``."""
+    parser = build_parser()
+    changed = [f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in sorted(config.items())
+               if k in vars(parser.parse_args([], namespace=argparse.Namespace())) and v != parser.get_default(k)
+               and v is not None]
+    sizes = ", ".join(f"{k} {config[k]}" for k in ("num_processes", "global_batch_size", "num_training_images",
+                                                     "num_channels", "num_parameters") if k in config)
+    return f"Configuration (all of it in {path}): {' '.join(changed)}; {sizes}"
+
+
 def _tensorboard_tracker(accelerator):
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
@@ -1012,6 +1115,21 @@ def _check_param_sync(accelerator, params, step: int) -> None:
     gathered = accelerator.gather(value).tolist()
     if len(set(gathered)) != 1:
         raise RuntimeError(f"Parameters differ across processes after step {step}: checksums {gathered}")
+
+
+def _refuse_non_finite_weights(modules, ema, step: int, args) -> None:
+    """Raise TrainingDiverged before a save if any weight (or EMA weight) is NaN or infinite: a checkpoint or
+    pipeline with such weights is useless, and writing it would replace the last good one."""
+    import torch
+
+    bad = [name for module in modules for name, p in module.named_parameters() if not bool(torch.isfinite(p).all())]
+    if ema is not None:
+        bad += [f"ema.{i}" for i, p in enumerate(ema.shadow_params) if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise TrainingDiverged(
+            f"non-finite weights in {len(bad)} tensor(s) (e.g. {bad[0]}) at step {step}; stopping before saving them. "
+            f"The last complete checkpoint and pipeline in {args.output_dir} are intact: resume with "
+            "--resume_from_checkpoint latest, e.g. with a lower --learning_rate.")
 
 
 def _diverged_message(what: str, value: float, step: int, lam: float, args) -> str:

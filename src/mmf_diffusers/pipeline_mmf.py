@@ -381,6 +381,10 @@ class MMFPipeline(DiffusionPipeline):
             if not torch.is_tensor(latents) or tuple(latents.shape) != shape:
                 got = tuple(latents.shape) if torch.is_tensor(latents) else type(latents).__name__
                 raise ValueError(f"`latents` must be a tensor of shape {shape}, got {got}")
+            if not latents.is_floating_point():  # complex, integer or bool noise is a mistake, not a request
+                raise ValueError(f"`latents` must be a real floating-point tensor, got {latents.dtype}")
+            if not bool(torch.isfinite(latents).all()):
+                raise ValueError("`latents` must be finite (it holds NaN or inf)")
             latents = latents.to(device=self._execution_device, dtype=dtype)
         if self.is_class_conditional and labels is None:
             # no class asked for: draw the classes from the data's class frequencies

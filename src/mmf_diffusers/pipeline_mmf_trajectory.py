@@ -283,7 +283,11 @@ class MMFTrajectoryPipeline(DiffusionPipeline):
 
     def _start_states(self, start_state, count: Optional[int], channels: int, device) -> torch.Tensor:
         if not torch.is_tensor(start_state):
-            start_state = torch.as_tensor(np.asarray(start_state, dtype=np.float64))
+            try:
+                start_state = torch.as_tensor(np.asarray(start_state, dtype=np.float64))
+            except (TypeError, ValueError) as error:  # complex numbers, ragged lists, strings
+                raise ValueError(f"`start_state` must be real numbers of shape (B, {channels}) or ({channels},): "
+                                 f"{error}") from None
         if not start_state.is_floating_point() or start_state.dim() not in (1, 2) or start_state.shape[-1] != channels:
             raise ValueError(f"`start_state` must be a float tensor of shape (B, {channels}) or ({channels},), got "
                              f"{tuple(start_state.shape)} {start_state.dtype}")
@@ -363,6 +367,10 @@ class MMFTrajectoryPipeline(DiffusionPipeline):
             if not torch.is_tensor(latents) or tuple(latents.shape) != shape:
                 got = tuple(latents.shape) if torch.is_tensor(latents) else type(latents).__name__
                 raise ValueError(f"`latents` must be a tensor of shape {shape}, got {got}")
+            if not latents.is_floating_point():  # complex, integer or bool noise is a mistake, not a request
+                raise ValueError(f"`latents` must be a real floating-point tensor, got {latents.dtype}")
+            if not bool(torch.isfinite(latents).all()):
+                raise ValueError("`latents` must be finite (it holds NaN or inf)")
             latents = latents.to(device=device, dtype=dtype).clone()
         known_mask = torch.zeros(count, 1, length, device=device, dtype=dtype)
         if start is not None:
