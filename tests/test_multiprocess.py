@@ -61,3 +61,23 @@ def test_two_processes_stay_in_sync_and_match_one_process(tmp_path, derivative, 
     a, b = load_unet_state(two), load_unet_state(one)
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_jvp_is_refused_where_it_cannot_run():
+    """jvp's hand-written all-reduce needs whole gradients on every rank: refused under FSDP / DeepSpeed (accelerate
+    1.15 cannot run FSDP on CPU processes, so the check itself is tested), and torch.compile does not apply inside
+    torch.func.jvp."""
+    import types
+
+    import train_mmf
+
+    for engine in ("FSDP", "DEEPSPEED"):
+        with pytest.raises(train_mmf.ConfigError, match=f"jvp cannot run under accelerate's {engine}"):
+            train_mmf.check_engine(types.SimpleNamespace(distributed_type=f"DistributedType.{engine}"), "jvp")
+        train_mmf.check_engine(types.SimpleNamespace(distributed_type=f"DistributedType.{engine}"), "finite_difference")
+    train_mmf.check_engine(types.SimpleNamespace(distributed_type="DistributedType.MULTI_GPU"), "jvp")
+    with pytest.raises(SystemExit):
+        train_mmf.parse_args(["--dataset_name", "sklearn-digits", "--derivative", "jvp", "--torch_compile"])
+    args = train_mmf.parse_args(["--dataset_name", "sklearn-digits", "--derivative", "finite_difference",
+                                 "--torch_compile"])
+    assert args.torch_compile

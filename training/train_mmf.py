@@ -228,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ema_power", type=_finite_float, default=3 / 4, help="EMA warmup power.")
     g.add_argument("--torch_compile", action="store_true",
                    help="torch.compile the UNet's forward (the saved weights and the EMA are those of the plain "
-                   "module). Works with --derivative finite_difference; with jvp see the check in validate_args.")
+                   "module). Only with --derivative finite_difference (inside torch.func.jvp it falls back to eager). "
+                   "The first step compiles (minutes on a CPU).")
     g.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default="no",
                    help="Autocast precision (weights stay float32). Needs --derivative finite_difference: "
                    "torch.func.jvp through autocast fails in torch 2.13.")
@@ -301,6 +302,10 @@ def validate_args(args: argparse.Namespace) -> None:
     need(args.mixed_precision == "no" or args.derivative != "jvp",
          f"--mixed_precision {args.mixed_precision} with --derivative jvp fails (torch 2.13 on CPU: under torch.func.jvp, "
          "autocast leaves a convolution with a float32 input and low-precision weights); use --derivative "
+         "finite_difference")
+    need(not (args.torch_compile and args.derivative == "jvp"),
+         "--torch_compile does not apply to --derivative jvp: torch.compile falls back to eager inside torch.func.jvp "
+         "(a graph break on every UNet frame, torch 2.13), and the run was slower than without it; use --derivative "
          "finite_difference")
     need(0.0 <= args.ema_max_decay <= 1.0, f"--ema_max_decay must be in [0, 1], got {args.ema_max_decay}")
     need(0.0 <= args.label_dropout < 1.0, f"--label_dropout must be in [0, 1), got {args.label_dropout}")
@@ -562,6 +567,7 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
     )
     is_main = accelerator.is_main_process
     log = print if is_main else (lambda *a, **k: None)
+    check_engine(accelerator, args.derivative)
 
     # 2. resume target and seed (a resumed run keeps the checkpoint's seed: it fixes data order and noise)
     resume_path = None
@@ -975,6 +981,16 @@ def _tensorboard_tracker(accelerator):
         if tracker.name == "tensorboard":
             return tracker
     return None
+
+
+def check_engine(accelerator, derivative: str) -> None:
+    """Refuse jvp on engines that shard parameters: its hand-written all-reduce needs every rank to hold whole
+    gradients of the unwrapped modules, which FSDP and DeepSpeed do not give."""
+    engine = str(accelerator.distributed_type).rsplit(".", 1)[-1]
+    if uses_hand_reduce(derivative) and engine in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise ConfigError(f"--derivative {derivative} cannot run under accelerate's {engine} (torch.func.jvp cannot go "
+                          "through the wrapper, and the hand-written gradient all-reduce needs unsharded parameters); "
+                          "use --derivative finite_difference")
 
 
 def uses_hand_reduce(derivative: str) -> bool:

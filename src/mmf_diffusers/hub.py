@@ -38,8 +38,7 @@ from huggingface_hub import HfApi, get_token, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects  # upload_folder's own ignores
 
-from .model_card import REPO_PLACEHOLDER, is_mmf_card, write_model_card
-from .pipeline_mmf import PACKAGE_LAYOUT_KEY
+from .model_card import PACKAGE_LAYOUT_KEY, REPO_PLACEHOLDER, is_mmf_card, write_model_card
 
 PathLike = Union[str, os.PathLike]
 
