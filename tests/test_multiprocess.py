@@ -4,7 +4,7 @@ train_mmf.py synchronises gradients in one of two ways (see its docstring): with
 the loss calls accelerate's DistributedDataParallel wrappers and ``accelerator.accumulate`` skips the all-reduce on
 all but the last micro-batch; with ``--derivative jvp`` (torch.func.jvp cannot go through DDP) the loss uses the
 unwrapped UNet and the script averages gradients itself with one all-reduce per optimiser step. These tests check,
-for both, with and without gradient accumulation, and with lam = 0 (steps 1-2) and lam = 0.5 (steps 3-4: the shifted
+for both, with and without gradient accumulation, unconditional and class-conditional (two prepared modules), and with lam = 0 (steps 1-2) and lam = 0.5 (steps 3-4: the shifted
 forward of the finite difference then carries gradient, so DDP sees three forwards before one backward):
     * the parameters are bit-identical on both ranks after every step (--check_param_sync all-gathers a SHA-256
       of the parameters after each step and stops the run if they differ);
@@ -20,7 +20,7 @@ import socket
 
 import pytest
 
-from test_training import TINY, accelerate_launch, check, load_unet_state, read_log, run_script
+from test_training import TINY, accelerate_launch, check, read_log, run_script
 
 ARGS = ["--dataset_name", "sklearn-digits", *TINY, "--max_train_steps", "4", "--checkpointing_steps", "100",
         "--save_images_steps", "100", "--lam_schedule", "step", "--lam_start", "0", "--lam_end", "0.5",
@@ -29,19 +29,31 @@ ARGS = ["--dataset_name", "sklearn-digits", *TINY, "--max_train_steps", "4", "--
 SYNC = {"jvp": "hand-written all-reduce", "finite_difference": "accelerate's DistributedDataParallel wrapper"}
 
 
+def load_weights(folder, component: str = "unet") -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / component / "diffusion_pytorch_model.safetensors"))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("derivative,accumulation", [("jvp", 1), ("finite_difference", 1), ("jvp", 2),
-                                                     ("finite_difference", 2)])
-def test_two_processes_stay_in_sync_and_match_one_process(tmp_path, derivative, accumulation):
+# Class-conditional runs (with training-time guidance: a no-grad forward with labels and "no label" rows) have two
+# prepared modules, the UNet and the conditioner.
+CONDITIONAL = ["--class_conditional", "--label_dropout", "0.25", "--cfg_w", "1.5"]
+
+
+@pytest.mark.parametrize("derivative,accumulation,conditional", [("jvp", 1, False), ("finite_difference", 1, False),
+                                                                 ("jvp", 2, True), ("finite_difference", 2, True)])
+def test_two_processes_stay_in_sync_and_match_one_process(tmp_path, derivative, accumulation, conditional):
     import torch
 
     two, one = tmp_path / "two", tmp_path / "one"
     args = ARGS + ["--derivative", derivative, "--gradient_accumulation_steps", str(accumulation)]
+    args += CONDITIONAL if conditional else []
     result = run_script(tmp_path, args + ["--train_batch_size", "4", "--output_dir", two, "--check_param_sync"],
                         launcher=accelerate_launch(2, free_port()), timeout=400)
     check(result)
@@ -58,7 +70,11 @@ def test_two_processes_stay_in_sync_and_match_one_process(tmp_path, derivative, 
             # A finite difference with eps = 1e-3 multiplies float32 rounding differences of u by 1000.
             rel = 1e-3 if key == "mean_abs_dudt" and derivative == "finite_difference" else 1e-4
             assert log_two[step][key] == pytest.approx(log_one[step][key], rel=rel, abs=1e-6), (step, key)
-    a, b = load_unet_state(two), load_unet_state(one)
+    a, b = load_weights(two), load_weights(one)
+    if conditional:
+        a.update({f"conditioner.{k}": v for k, v in load_weights(two, "conditioner").items()})
+        b.update({f"conditioner.{k}": v for k, v in load_weights(one, "conditioner").items()})
+        assert any(name.startswith("conditioner.") for name in a)
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
 

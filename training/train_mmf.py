@@ -945,7 +945,7 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
                   "mean_abs_dudt": stats["mean_abs_dudt"], "frac_r_neq_t": stats["frac_r_neq_t"],
                   "mean_weight": stats["mean_weight"], "grad_norm": grad_norm, "lr": lr,
                   "epoch": sampler.position(state.micro_batch - 1)[0], "step_time_s": step_time}
-        if torch.cuda.is_available():
+        if accelerator.device.type == "cuda":
             record["peak_gpu_mem_mib"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**20
         if jsonl is not None:
             jsonl.write(record)
