@@ -1,4 +1,4 @@
-"""Device placement in training/train_mmf.py, checked on a CPU-only machine.
+"""Device placement in training/train_mmf.py, checked on a CPU-only machine, and the model_fn over wrapped modules.
 
 A GPU run moves the modules in ``accelerator.prepare``; everything the loop makes itself must follow. These tests
 stand in for the GPU with the ``meta`` device (tensors with a shape, a dtype and a device but no data): a fake
@@ -72,3 +72,33 @@ def test_loss_randomness_is_drawn_for_the_global_batch_and_lands_on_the_device(d
     torch.testing.assert_close(noise_cpu, noise_all[rows], rtol=0, atol=0)
     if dropout is not None:
         assert torch.equal(drop_cpu, torch.rand(8, generator=generator)[rows] < dropout)
+
+
+class Wrapper(torch.nn.Module):
+    """Stands for DistributedDataParallel: the module is ``.module`` and its attributes are hidden."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def test_unet_model_fn_through_wrapped_modules_matches_the_plain_modules():
+    """With finite differences the training script hands accelerate's wrappers to unet_model_fn; the "no label" id
+    comes from the wrapped conditioner and the values are those of the plain modules."""
+    from mmf_diffusers import add_class_conditioning, unet_model_fn
+
+    torch.manual_seed(0)
+    unet, conditioner = add_class_conditioning(tiny_unet(), 3, label_init_std=1.0)
+    assert not hasattr(Wrapper(conditioner), "null_label")
+    plain = unet_model_fn(unet, conditioner=conditioner)
+    wrapped = unet_model_fn(Wrapper(unet), conditioner=Wrapper(conditioner))
+    z, t = torch.randn(4, 1, 8, 8), torch.rand(4)
+    r = t * 0.5
+    labels = torch.tensor([0, 1, 2, conditioner.null_label])
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(z, r, t, labels), plain(z, r, t, labels), rtol=0, atol=0)
+        none = torch.full((4,), conditioner.null_label)
+        torch.testing.assert_close(wrapped(z, r, t), plain(z, r, t, none), rtol=0, atol=0)
