@@ -305,8 +305,8 @@ def validate_args(args: argparse.Namespace) -> None:
          "finite_difference")
     need(not (args.torch_compile and args.derivative == "jvp"),
          "--torch_compile does not apply to --derivative jvp: torch.compile falls back to eager inside torch.func.jvp "
-         "(a graph break on every UNet frame, torch 2.13), and the run was slower than without it; use --derivative "
-         "finite_difference")
+         "(a graph break on every UNet frame, torch 2.13; no speed-up measured by benchmarks/engine_flags.py); use "
+         "--derivative finite_difference")
     need(0.0 <= args.ema_max_decay <= 1.0, f"--ema_max_decay must be in [0, 1], got {args.ema_max_decay}")
     need(0.0 <= args.label_dropout < 1.0, f"--label_dropout must be in [0, 1), got {args.label_dropout}")
     need(args.cfg_w > 0, f"--cfg_w must be positive, got {args.cfg_w}")
@@ -567,7 +567,7 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
     )
     is_main = accelerator.is_main_process
     log = print if is_main else (lambda *a, **k: None)
-    check_engine(accelerator, args.derivative)
+    check_engine(accelerator, args.derivative, log)
 
     # 2. resume target and seed (a resumed run keeps the checkpoint's seed: it fixes data order and noise)
     resume_path = None
@@ -983,10 +983,14 @@ def _tensorboard_tracker(accelerator):
     return None
 
 
-def check_engine(accelerator, derivative: str) -> None:
+def check_engine(accelerator, derivative: str, log=print) -> None:
     """Refuse jvp on engines that shard parameters: its hand-written all-reduce needs every rank to hold whole
-    gradients of the unwrapped modules, which FSDP and DeepSpeed do not give."""
+    gradients of the unwrapped modules, which FSDP and DeepSpeed do not give. Say so when an FSDP configuration was
+    not applied (accelerate 1.15 runs CPU processes with DDP whatever the configuration says)."""
     engine = str(accelerator.distributed_type).rsplit(".", 1)[-1]
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and engine != "FSDP":
+        log(f"Note: the accelerate configuration asks for FSDP, but accelerate runs {engine} here (it has no FSDP for "
+            "CPU processes); the model is not sharded.")
     if uses_hand_reduce(derivative) and engine in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
         raise ConfigError(f"--derivative {derivative} cannot run under accelerate's {engine} (torch.func.jvp cannot go "
                           "through the wrapper, and the hand-written gradient all-reduce needs unsharded parameters); "
