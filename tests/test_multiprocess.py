@@ -59,7 +59,11 @@ def test_two_processes_stay_in_sync_and_match_one_process(tmp_path, derivative, 
     check(result)
     assert '"num_processes": 2' in result.stdout
     assert f"Gradient synchronisation: {SYNC[derivative]}" in result.stdout
-    check(run_script(tmp_path, args + ["--train_batch_size", "8", "--output_dir", one]))
+    # The one-process run also keeps a checkpoint at step 2, to show below that the optimiser really steps (with
+    # accelerator.accumulate an optimiser step can be skipped silently, and two runs that never step would agree).
+    one_args = args + ["--train_batch_size", "8", "--output_dir", one]
+    one_args[one_args.index("--checkpointing_steps") + 1] = "2"
+    check(run_script(tmp_path, one_args))
 
     log_two, log_one = read_log(two), read_log(one)
     assert sorted(log_two) == sorted(log_one) == [1, 2, 3, 4]
@@ -77,6 +81,11 @@ def test_two_processes_stay_in_sync_and_match_one_process(tmp_path, derivative, 
         assert any(name.startswith("conditioner.") for name in a)
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+    from safetensors.torch import load_file
+
+    at_step_2 = load_file(str(one / "checkpoint-2" / "model.safetensors"))
+    moved = [name for name in at_step_2 if not torch.equal(at_step_2[name], b[name])]
+    assert len(moved) > len(at_step_2) // 2, f"only {len(moved)} of {len(at_step_2)} tensors changed in steps 3-4"
 
 
 def test_jvp_is_refused_where_it_cannot_run():
