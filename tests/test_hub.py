@@ -30,6 +30,7 @@ import subprocess
 import sys
 import textwrap
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -771,6 +772,49 @@ def test_trajectory_pipeline_hub_methods_are_exact_copies(method):
         shapes.append(shape(function.__code__, function.__doc__))
     assert shapes[0] == shapes[1]
     assert mmf_diffusers.pipeline_mmf_trajectory.PACKAGE_LAYOUT_KEY == PACKAGE_LAYOUT_KEY
+
+
+def package_import_graph() -> dict:
+    """module -> the package modules it imports (``from .x import``, ``import mmf_diffusers.x``, and the deferred
+    ``importlib.import_module("mmf_diffusers.x")``), from the source; the package's ``__init__`` is left out."""
+    import ast
+
+    graph = {}
+    for path in sorted(Path(mmf_diffusers.__file__).parent.glob("*.py")):
+        if path.stem == "__init__":
+            continue
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                names = [node.module] if node.module else [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module.removeprefix("mmf_diffusers.")] if node.module.startswith("mmf_diffusers.") else []
+            elif isinstance(node, ast.Import):
+                names = [a.name.removeprefix("mmf_diffusers.") for a in node.names if a.name.startswith("mmf_diffusers.")]
+            elif (isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "import_module" and node.args
+                  and isinstance(node.args[0], ast.Constant) and str(node.args[0].value).startswith("mmf_diffusers.")):
+                names = [node.args[0].value.removeprefix("mmf_diffusers.")]
+            deps.update(n.split(".")[0] for n in names)
+        graph[path.stem] = deps
+    return graph
+
+
+def test_the_package_has_no_import_circle():
+    """hub.py and model_card.py do not import the pipeline modules (which import hub.py when pushing), and the
+    package layout key they share with the pipelines' own copies is one string."""
+    graph = package_import_graph()
+    assert "hub" in graph["pipeline_mmf"] and graph["hub"] == {"model_card"} and graph["model_card"] == set()
+
+    def visit(name, path):
+        assert name not in path, f"import circle: {' -> '.join(path[path.index(name):] + [name])}"
+        for dep in graph.get(name, ()):
+            visit(dep, path + [name])
+
+    for name in graph:
+        visit(name, [])
+    assert mmf_diffusers.model_card.PACKAGE_LAYOUT_KEY == PACKAGE_LAYOUT_KEY == \
+        mmf_diffusers.pipeline_mmf_trajectory.PACKAGE_LAYOUT_KEY
 
 
 def test_load_pipeline_picks_the_class_and_refuses_other_folders(tmp_path):

@@ -35,12 +35,14 @@ Output (``--output_dir``):
     logs/train_mmf/               tensorboard events
     training_config.json          the resolved configuration (the Hub token is never written)
 
-Multi-process training and torch.func.jvp: `torch.func.jvp` cannot run through DistributedDataParallel, and the
-loss calls the network several times per batch (a jvp on the rows with r != t, a forward on the rest). So the
-forward and backward passes use the unwrapped UNet, whose gradients DDP does not see (its reducer only acts after
-a forward through the DDP wrapper, which is never called), and after the last micro-batch of a step every rank
-all-reduces (mean) one flat buffer holding all gradients plus the loss statistics. Every rank then applies the
-same averaged gradient, so the parameters stay bit-identical (``--check_param_sync`` verifies it at every step).
+Multi-process training. With ``--derivative finite_difference`` the loss calls the modules that
+``accelerator.prepare`` returned, as diffusers' scripts do, so accelerate's engine (DDP: several forwards, one
+backward, gradient all-reduce; ``accelerator.accumulate`` skipping it on all but the last micro-batch) does the
+synchronisation. ``torch.func.jvp`` cannot run through DistributedDataParallel, so with ``--derivative jvp`` the
+forward and backward passes use the unwrapped modules, whose gradients DDP does not see (its reducer only acts
+after a forward through the wrapper), and after the last micro-batch of a step every rank all-reduces (mean) one flat
+buffer holding all gradients plus the loss statistics. Either way every rank applies the same averaged gradient, so
+the parameters stay bit-identical (``--check_param_sync`` verifies it at every step).
 The randomness of the loss (t, r, noise) is drawn for the whole global batch from one generator that every rank
 seeds alike, and each rank takes its rows, so N processes with batch B follow a 1-process run with batch N * B.
 On a CPU-only machine, ``accelerate launch --multi_gpu --num_processes 2 ...`` runs 2 processes over gloo (this
@@ -239,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Largest EMA decay (the warmup decay 1 - (1 + step / inv_gamma)^-power is capped by it).")
     g.add_argument("--ema_inv_gamma", type=_finite_float, default=1.0, help="EMA warmup inverse gamma.")
     g.add_argument("--ema_power", type=_finite_float, default=3 / 4, help="EMA warmup power.")
+    g.add_argument("--torch_compile", action="store_true",
+                   help="torch.compile the UNet's forward (the saved weights and the EMA are those of the plain "
+                   "module). Only with --derivative finite_difference (inside torch.func.jvp it falls back to eager). "
+                   "The first step compiles (minutes on a CPU).")
     g.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default="no",
                    help="Autocast precision (weights stay float32). du/dt is computed in float32 outside autocast "
                    "(a difference of low-precision outputs is rounding noise; torch.func.jvp fails under autocast), "
@@ -318,6 +324,10 @@ def validate_args(args: argparse.Namespace) -> None:
          f"--pair_rows 1 needs --r_neq_t_fraction <= 0.5 (one r = t row per r != t row), got {args.r_neq_t_fraction}")
     need(not args.pair_rows or args.train_batch_size % 2 == 0,
          f"--pair_rows 1 pairs rows 2j and 2j + 1: --train_batch_size must be even, got {args.train_batch_size}")
+    need(not (args.torch_compile and args.derivative == "jvp"),
+         "--torch_compile does not apply to --derivative jvp: torch.compile falls back to eager inside torch.func.jvp "
+         "(a graph break on every UNet frame, torch 2.13; no speed-up measured by benchmarks/engine_flags.py); use "
+         "--derivative finite_difference")
     need(0.0 <= args.ema_max_decay <= 1.0, f"--ema_max_decay must be in [0, 1], got {args.ema_max_decay}")
     need(0.0 <= args.label_dropout < 1.0, f"--label_dropout must be in [0, 1), got {args.label_dropout}")
     need(args.cfg_w > 0, f"--cfg_w must be positive, got {args.cfg_w}")
@@ -621,12 +631,14 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
     logging_dir = os.path.join(args.output_dir, args.logging_dir)
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=None if args.logger == "none" else args.logger,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
         cpu=not has_device and int(os.environ.get("WORLD_SIZE", "1")) > 1,
     )
     is_main = accelerator.is_main_process
     log = print if is_main else (lambda *a, **k: None)
+    check_engine(accelerator, args.derivative, log)
 
     # 2. resume target and seed (a resumed run keeps the checkpoint's seed: it fixes data order and noise)
     resume_path = None
@@ -790,8 +802,7 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
     loss_generator = torch.Generator().manual_seed(args.seed + 1)
     state = TrainingState(loss_generator)
 
-    *prepared, optimizer = accelerator.prepare(*modules, optimizer)
-    # The unwrapped UNet does the work (torch.func.jvp cannot go through DDP); gradients are averaged by hand below.
+    prepared, optimizer = prepare_for_training(accelerator, modules, optimizer, ema)
     inner = accelerator.unwrap_model(prepared[0])
     inner_conditioner = accelerator.unwrap_model(prepared[1]) if conditioner is not None else None
     inner_modules = [inner] if inner_conditioner is None else [inner, inner_conditioner]
@@ -799,11 +810,21 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
     def inner_parameters():
         return [p for m in inner_modules for p in m.parameters()]
 
+    # jvp: the loss runs on the unwrapped modules and gradients are averaged by hand (_average_gradients);
+    # finite differences: through accelerate's wrappers (DDP, ...), which synchronise gradients themselves.
+    hand_reduce = uses_hand_reduce(args.derivative)
+    fwd_unet, fwd_conditioner = loss_modules(prepared, inner_modules, hand_reduce)
+    if args.torch_compile:
+        fwd_unet = torch.compile(fwd_unet)
     if modality is not None:
-        model_fn = modality.model_fn(inner)
+        model_fn = modality.model_fn(fwd_unet)
     else:
-        model_fn = unet_model_fn(inner, args.time_scale, args.second_time, conditioner=inner_conditioner)
+        model_fn = unet_model_fn(fwd_unet, args.time_scale, args.second_time, conditioner=fwd_conditioner)
     params = [p for p in inner_parameters() if p.requires_grad]
+    if accelerator.num_processes > 1:
+        log("Gradient synchronisation: " + ("hand-written all-reduce of the unwrapped modules' gradients (torch.func.jvp "
+                                           "cannot go through DDP)" if hand_reduce else
+                                           f"accelerate's {type(prepared[0]).__name__} wrapper"))
     # The curriculum, LR schedule, run position and EMA are saved by run_state as JSON + safetensors, not registered
     # with accelerate (which pickles them and would unpickle a crafted checkpoint with weights_only=False).
 
@@ -982,31 +1003,35 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
         lam = schedule()
         totals = torch.zeros(len(stat_names), dtype=torch.float64)
         for _ in range(accum):
-            batch = next(batches)
-            labels = None
-            if inner_conditioner is not None:
-                batch, labels = batch
-            x = batch.to(accelerator.device)
-            t, r = loss_fn.time_sampler(global_batch, generator=loss_generator)
-            noise = torch.randn((global_batch, *sample_shape), generator=loss_generator)
-            t, r = t[rank_rows].to(x.device), r[rank_rows].to(x.device)
-            noise = noise[rank_rows].to(device=x.device, dtype=x.dtype)
-            if modality is not None:
-                noise = modality.prepare_noise(x, noise)  # known entries and the mask channel stay at their data
-            if labels is not None:
-                # Label dropout for the global batch from the same generator, so every rank agrees.
-                drop = torch.rand(global_batch, generator=loss_generator)[rank_rows] < args.label_dropout
-                labels = labels.masked_fill(drop, inner_conditioner.null_label).to(x.device)
-            with accelerator.autocast():
-                out = loss_fn(model_fn, x, lam, t=t, r=r, noise=noise, class_labels=labels,
-                              null_label=None if labels is None else inner_conditioner.null_label)
-            accelerator.backward(out.loss / accum)
-            s = out.stats
-            # |du/dt| is weighted by the share of r != t rows so that averages over micro-batches and ranks are exact.
-            totals += torch.tensor([out.loss.item(), s["mse"], s["mean_abs_dudt"] * s["frac_r_neq_t"],
-                                    s["frac_r_neq_t"], s["mean_weight"]], dtype=torch.float64)
+            # accumulate(): DDP skips the gradient all-reduce on all but the last micro-batch of the step, and
+            # accelerator.backward divides the loss by --gradient_accumulation_steps.
+            with accelerator.accumulate(*prepared):
+                batch = next(batches)
+                labels = None
+                if inner_conditioner is not None:
+                    batch, labels = batch
+                x = batch.to(accelerator.device)
+                t, r, noise, drop = draw_loss_randomness(
+                    loss_fn.time_sampler, loss_generator, global_batch, rank_rows, sample_shape, x.device, x.dtype,
+                    label_dropout=args.label_dropout if labels is not None else None)
+                if modality is not None:
+                    noise = modality.prepare_noise(x, noise)  # known entries and the mask channel stay at their data
+                if labels is not None:
+                    labels = labels.to(x.device).masked_fill(drop, inner_conditioner.null_label)
+                with accelerator.autocast():
+                    out = loss_fn(model_fn, x, lam, t=t, r=r, noise=noise, class_labels=labels,
+                                  null_label=None if labels is None else inner_conditioner.null_label)
+                accelerator.backward(out.loss)
+                s = out.stats
+                # |du/dt| is weighted by the share of r != t rows so that averages over micro-batches and ranks are
+                # exact.
+                totals += torch.tensor([out.loss.item(), s["mse"], s["mean_abs_dudt"] * s["frac_r_neq_t"],
+                                        s["frac_r_neq_t"], s["mean_weight"]], dtype=torch.float64)
             state.micro_batch += 1
-        stats = _average_gradients(accelerator, params, totals / accum)
+        if hand_reduce:
+            stats = _average_gradients(accelerator, params, totals / accum)
+        else:
+            stats = accelerator.reduce(totals.to(accelerator.device) / accum, reduction="mean").double().cpu()
         stats = dict(zip(stat_names, stats.tolist()))
         stats["mean_abs_dudt"] = stats["mean_abs_dudt"] / stats["frac_r_neq_t"] if stats["frac_r_neq_t"] > 0 else 0.0
         if not math.isfinite(stats["loss"]):
@@ -1032,6 +1057,8 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
                   "mean_abs_dudt": stats["mean_abs_dudt"], "frac_r_neq_t": stats["frac_r_neq_t"],
                   "mean_weight": stats["mean_weight"], "grad_norm": grad_norm, "lr": lr,
                   "epoch": sampler.position(state.micro_batch - 1)[0], "step_time_s": step_time}
+        if accelerator.device.type == "cuda":
+            record["peak_gpu_mem_mib"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**20
         if jsonl is not None:
             jsonl.write(record)
         accelerator.log({f"train/{k}": record[k] for k in ("loss", "mse", "lam", "mean_abs_dudt", "grad_norm", "lr")},
@@ -1078,6 +1105,61 @@ def _tensorboard_tracker(accelerator):
         if tracker.name == "tensorboard":
             return tracker
     return None
+
+
+def check_engine(accelerator, derivative: str, log=print) -> None:
+    """Refuse jvp on engines that shard parameters: its hand-written all-reduce needs every rank to hold whole
+    gradients of the unwrapped modules, which FSDP and DeepSpeed do not give. Say so when an FSDP configuration was
+    not applied (accelerate 1.15 runs CPU processes with DDP whatever the configuration says)."""
+    engine = str(accelerator.distributed_type).rsplit(".", 1)[-1]
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and engine != "FSDP":
+        log(f"Note: the accelerate configuration asks for FSDP, but accelerate runs {engine} here (it has no FSDP for "
+            "CPU processes); the model is not sharded.")
+    if uses_hand_reduce(derivative) and engine in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise ConfigError(f"--derivative {derivative} cannot run under accelerate's {engine} (torch.func.jvp cannot go "
+                          "through the wrapper, and the hand-written gradient all-reduce needs unsharded parameters); "
+                          "use --derivative finite_difference")
+
+
+def uses_hand_reduce(derivative: str) -> bool:
+    """Whether the loss must run on the unwrapped modules with a hand-written gradient all-reduce: torch.func.jvp
+    cannot go through DistributedDataParallel (nor FSDP); finite differences are ordinary forwards."""
+    return derivative == "jvp"
+
+
+def loss_modules(prepared, inner_modules, hand_reduce: bool):
+    """``(unet, conditioner or None)`` that the loss calls: accelerate's prepared (wrapped) modules, as diffusers'
+    scripts use them, or the unwrapped ones with ``hand_reduce``. DDP handles the loss's several forwards (a no-grad
+    one for the model tangent, the main one, a shifted one that carries gradient when lam > 0) before one backward:
+    checked with torch 2.13 over gloo, default DistributedDataParallel arguments (tests/test_multiprocess.py)."""
+    modules = inner_modules if hand_reduce else prepared
+    return modules[0], (modules[1] if len(modules) > 1 else None)
+
+
+def prepare_for_training(accelerator, modules, optimizer, ema):
+    """``accelerator.prepare`` the modules and the optimiser, then move the EMA's shadow weights to the device, as
+    diffusers' scripts do right after prepare: EMAModel copies the parameters where they are when it is built (the
+    CPU, before prepare), and its first ``step`` would mix devices. Returns ``(prepared modules, optimizer)``."""
+    *prepared, optimizer = accelerator.prepare(*modules, optimizer)
+    if ema is not None:
+        ema.to(accelerator.device)
+    return prepared, optimizer
+
+
+def draw_loss_randomness(time_sampler, generator, global_batch: int, rank_rows: slice, sample_shape, device, dtype,
+                         label_dropout=None):
+    """This rank's ``t, r`` ``(b,)``, ``noise`` ``(b, *sample_shape)`` and label-drop mask ``(b,)`` (None without
+    ``label_dropout``), ``b = rank_rows`` of the global batch. Everything is drawn for the whole global batch from
+    one CPU ``generator`` seeded alike on every rank (so N processes follow one, on any device), then moved to
+    ``device``; noise gets ``dtype``."""
+    import torch
+
+    t, r = time_sampler(global_batch, generator=generator)
+    noise = torch.randn((global_batch, *sample_shape), generator=generator)
+    drop = None
+    if label_dropout is not None:
+        drop = (torch.rand(global_batch, generator=generator)[rank_rows] < label_dropout).to(device)
+    return (t[rank_rows].to(device), r[rank_rows].to(device), noise[rank_rows].to(device=device, dtype=dtype), drop)
 
 
 def _average_gradients(accelerator, params, extras):

@@ -43,8 +43,7 @@ from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects  
 
 from .checkpointing import safetensors_problem
 from .hub_timeouts import hub_timeout, is_network_error, quiet_loading, use_hub_timeouts
-from .model_card import REPO_PLACEHOLDER, add_demo_section, is_mmf_card, write_model_card
-from .pipeline_mmf import PACKAGE_LAYOUT_KEY
+from .model_card import PACKAGE_LAYOUT_KEY, REPO_PLACEHOLDER, add_demo_section, is_mmf_card, write_model_card
 
 PathLike = Union[str, os.PathLike]
 

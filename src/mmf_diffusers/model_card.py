@@ -18,7 +18,6 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 from huggingface_hub import ModelCard, ModelCardData, get_token
 
-from .pipeline_mmf import PACKAGE_LAYOUT_KEY
 
 #: Tags an image pipeline's card carries; the Hub uses ``pipeline_tag`` for the task filter and ``library_name`` for
 #: the "Use this model" snippet.
@@ -49,6 +48,11 @@ INFO_KEYS = (
 )
 
 REDACTED = "***"
+#: Key of a remote-code ``model_index.json`` that keeps the package's own entries (see `mmf_diffusers.hub`). The
+#: pipeline modules (``pipeline_mmf.py``, ``pipeline_mmf_trajectory.py``) keep their own copy, since each ships alone
+#: as Hub remote code; this module and `mmf_diffusers.hub` do not import them, so that the pipelines' deferred import
+#: of `mmf_diffusers.hub` closes no import circle (tests/test_hub.py checks both).
+PACKAGE_LAYOUT_KEY = "_mmf_package_layout"
 #: What the loading snippets say when ``repo_id`` is unknown; `mmf_diffusers.hub` fills it in at push time.
 REPO_PLACEHOLDER = "<user>/<repo>"
 #: A command-line flag whose value is secret: ``--hub_token``, ``--token``, ``--api-key``, ``--password``, ...

@@ -217,6 +217,16 @@ def add_class_conditioning(
     return prepare_unet_for_mmf(new), conditioner
 
 
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The module inside DistributedDataParallel-style (``.module``) and torch.compile (``._orig_mod``) wrappers,
+    which hide its attributes."""
+    while True:
+        inner = getattr(module, "_orig_mod", None) or getattr(module, "module", None)
+        if not isinstance(inner, torch.nn.Module):
+            return module
+        module = inner
+
+
 def unet_model_fn(
     unet: torch.nn.Module,
     time_scale: float = DEFAULT_TIME_SCALE,
@@ -226,12 +236,16 @@ def unet_model_fn(
     """Return ``model_fn(z, r, t, class_labels=None) -> u`` for `ModularMeanFlowLoss`, using the same mapping as
     `MMFPipeline` (``class_labels`` only with a ``conditioner``: long ``(B,)`` ids, ``None`` is "no label").
 
-    ``unet`` may be wrapped (e.g. by ``accelerator.prepare``); the wrapper's forward is called.
+    ``unet`` and ``conditioner`` may be wrapped (e.g. by ``accelerator.prepare``, or ``torch.compile``); the wrappers'
+    forwards are called, and the "no label" id is read from the wrapped module.
     """
+    null_label = None if conditioner is None else _unwrap(conditioner).null_label
 
     def model_fn(
         z: torch.Tensor, r: torch.Tensor, t: torch.Tensor, class_labels: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
+        if conditioner is not None and class_labels is None:
+            class_labels = torch.full(t.shape, null_label, dtype=torch.long, device=t.device)
         return unet_average_velocity(
             unet, z, r, t, time_scale=time_scale, second_time=second_time,
             conditioner=conditioner, class_labels=class_labels,
