@@ -804,7 +804,8 @@ def test_the_package_has_no_import_circle():
     """hub.py and model_card.py do not import the pipeline modules (which import hub.py when pushing), and the
     package layout key they share with the pipelines' own copies is one string."""
     graph = package_import_graph()
-    assert "hub" in graph["pipeline_mmf"] and graph["hub"] == {"model_card"} and graph["model_card"] == set()
+    assert "hub" in graph["pipeline_mmf"] and graph["model_card"] == set()
+    assert not graph["hub"] & {"pipeline_mmf", "pipeline_mmf_trajectory", "demo"}, graph["hub"]
 
     def visit(name, path):
         assert name not in path, f"import circle: {' -> '.join(path[path.index(name):] + [name])}"

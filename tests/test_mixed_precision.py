@@ -64,8 +64,9 @@ def test_the_main_forward_runs_in_low_precision_and_a_naive_difference_would_be_
     assert ((naive.float() - exact).abs().mean() / exact.abs().mean()).item() > 0.5
 
 
+@pytest.mark.parametrize("derivative", ["finite_difference", "jvp"])
 @pytest.mark.parametrize("lam", [0.0, 1.0])
-def test_pair_rows_is_the_plain_loss_on_the_paired_batch(lam):
+def test_pair_rows_is_the_plain_loss_on_the_paired_batch(lam, derivative):
     unet = tiny_unet()
     model_fn = unet_model_fn(unet)
     x, noise, t, r = batch(pair_rows=True)
@@ -77,7 +78,7 @@ def test_pair_rows_is_the_plain_loss_on_the_paired_batch(lam):
     grads = []
     for pair_rows, inputs in ((True, (x, noise, t, r)), (False, (*paired, r_paired))):
         unet.zero_grad(set_to_none=True)
-        loss_fn = ModularMeanFlowLoss(derivative="finite_difference", tangent="model", pair_rows=pair_rows)
+        loss_fn = ModularMeanFlowLoss(derivative=derivative, tangent="model", pair_rows=pair_rows)
         xi, ni, ti, ri = inputs
         out = loss_fn(model_fn, xi, lam, t=ti, r=ri, noise=ni)
         out.loss.backward()

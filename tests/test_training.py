@@ -236,9 +236,10 @@ def test_resume_refuses_fixed_flags_and_honours_a_new_learning_rate(tmp_path):
     assert not list(checkpoint.glob("custom_checkpoint_*.pkl"))
 
     resume = ["--resume_from_checkpoint", "latest", "--max_train_steps", "4"]
-    result = run_script(tmp_path, base + resume + ["--derivative", "finite_difference", "--adaptive_p", "1"])
+    result = run_script(tmp_path, base + resume + ["--tangent", "conditional", "--pair_rows", "0", "--adaptive_p", "1"])
     check(result, 2)
-    assert "--derivative jvp -> finite_difference" in result.stderr and "--adaptive_p 0.0 -> 1.0" in result.stderr
+    assert "--tangent model -> conditional" in result.stderr and "--adaptive_p 0.0 -> 1.0" in result.stderr
+    assert "--pair_rows True -> False" in result.stderr
 
     result = run_script(tmp_path, base + resume + ["--learning_rate", "5e-4"])
     check(result)

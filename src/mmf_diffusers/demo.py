@@ -34,6 +34,7 @@ import time
 from typing import List, Optional, Sequence
 
 from .generate import cycled_labels, make_grid, pipeline_argument_problem
+from .space import write_space  # noqa: F401  (mmf_diffusers.demo.write_space, as documented)
 
 MAX_STEPS = 8
 MAX_IMAGES = 64
@@ -331,55 +332,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     demo.queue(default_concurrency_limit=1)  # one request at a time: a CPU has no room for two
     demo.launch(server_name=args.server_name, server_port=args.server_port, ssr_mode=False)
     return 0
-
-
-# ---------------------------------------------------------------------------------------------------- Space
-SPACE_APP = '''"""A Gradio Space for the Modular MeanFlow pipeline {repo_id} (written by `mmf-push --with-demo`)."""
-from mmf_diffusers.demo import build_demo
-
-demo = build_demo("{repo_id}")
-demo.queue(default_concurrency_limit=1)
-
-if __name__ == "__main__":
-    demo.launch()
-'''
-
-
-def write_space(directory: str, repo_id: str, requirement: Optional[str] = None) -> List[str]:
-    """Write ``app.py``, ``requirements.txt`` and the Space's ``README.md`` (its YAML header) into ``directory``:
-    uploaded as a Gradio Space (``hf upload USER/NAME-demo DIRECTORY --repo-type space``), they serve this app for the
-    Hub model ``repo_id``. ``requirement`` is the pip requirement of this package there (default
-    ``mmf_diffusers[demo]==<this version>``; a ``git+https://...`` URL where the package is not on the index).
-    Returns the paths written."""
-    from importlib import metadata
-
-    from . import __version__
-
-    if not isinstance(repo_id, str) or repo_id.count("/") != 1 or repo_id.startswith(("/", ".")):
-        raise ValueError(f"the Space needs the model's repo id as user/name, got {repo_id!r}")
-    os.makedirs(directory, exist_ok=True)
-    requirement = requirement or f"mmf_diffusers[demo]=={__version__}"
-    try:
-        sdk_version = f"sdk_version: {metadata.version('gradio')}\n"
-    except metadata.PackageNotFoundError:
-        sdk_version = ""  # the Hub then picks its current gradio
-    files = {
-        "app.py": SPACE_APP.format(repo_id=repo_id),
-        "requirements.txt": f"{requirement}\n",
-        "README.md": (
-            f"---\ntitle: {repo_id.split('/')[1]} demo\nsdk: gradio\n{sdk_version}app_file: app.py\nmodels:\n"
-            f"- {repo_id}\ntags:\n- mmf\n- meanflow\n---\n\n"
-            f"Samples from [{repo_id}](https://huggingface.co/{repo_id}) with Modular MeanFlow in one or a few "
-            f"network evaluations. Run it locally: `mmf-demo --pipeline {repo_id}`.\n"
-        ),
-    }
-    paths = []
-    for name, text in files.items():
-        path = os.path.join(directory, name)
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(text)
-        paths.append(path)
-    return paths
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ an installed library. The package's own entries are kept under ``_mmf_package_la
 Components from diffusers (the UNet2DModel / UNet1DModel, or a FlowMapEulerDiscreteScheduler) need no copied code.
 
 Command line: ``mmf-push FOLDER REPO_ID [--private] [--token TOKEN] [--endpoint URL] [--with-demo]``; ``--with-demo``
-also writes the files of a Gradio Space that serves ``mmf-demo`` for the repository (`mmf_diffusers.demo.write_space`)
+also writes the files of a Gradio Space that serves ``mmf-demo`` for the repository (`mmf_diffusers.space.write_space`)
 and links it from the card.
 """
 
@@ -499,7 +499,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (OSError, ValueError) as error:
         parser.exit(2, f"mmf-push: error: {error}\n")
     if args.with_demo:
-        from .demo import write_space
+        from .space import write_space
 
         write_space(demo_dir, args.repo_id, requirement=args.demo_requirement)
     try:

@@ -313,9 +313,14 @@ class ModularMeanFlowLoss:
         #    theirs from the differentiable jvp in step 4).
         joint = self.derivative == "jvp" and lam > 0 and d.numel() > 0
         rest = (t == r).nonzero().squeeze(1)
-        u = fn(z, r, t, None) if not joint else None
+        u = u_rest = None
+        if not joint:
+            u = fn(z, r, t, None)
+        elif rest.numel():
+            u_rest = fn(z[rest], r[rest], t[rest], rest)
         if self.pair_rows and d.numel():
-            u_inst_d = u[partners].detach().to(v.dtype)
+            pairs = u[partners] if not joint else u_rest[torch.searchsorted(rest, partners)]
+            u_inst_d = pairs.detach().to(v.dtype)
 
         # 3. the target: v, or v_tilde on the labelled rows (u(z, t, t | c) is u_inst_d on the derivative rows and
         #    the batch's own detached prediction on the others, computed after step 4 when joint).
@@ -327,8 +332,10 @@ class ModularMeanFlowLoss:
             u_d, dudt_d = self._derivative(fn, z[d], r[d], t[d], tangent, d, lam, None if joint else u[d])
             dudt = dudt.index_copy(0, d, dudt_d.to(x.dtype))
             if joint:
-                u_rest = fn(z[rest], r[rest], t[rest], rest) if rest.numel() else u_d[:0]
-                u = torch.cat([u_d.to(u_rest.dtype), u_rest]).index_select(0, torch.argsort(torch.cat([d, rest])))
+                if u_rest is None:
+                    u = u_d
+                else:
+                    u = torch.cat([u_d.to(u_rest.dtype), u_rest]).index_select(0, torch.argsort(torch.cat([d, rest])))
         target = v
         if guided:
             u_inst = u.detach().to(v.dtype)  # r = t rows: the prediction is u(z, t, t | c)
