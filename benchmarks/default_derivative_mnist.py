@@ -62,8 +62,9 @@ def main(argv=None) -> int:
     print("| --- | --- | --- |")
     for name in CONFIGS:
         mine = [r for r in rows if r["config"] == name]
-        print(f"| {name} | {' / '.join(f'{r['fd_1step']:.1f}' for r in mine)} | "
-              f"{' / '.join(f'{r['fd_2step']:.1f}' for r in mine)} |")
+        one = " / ".join(f"{r['fd_1step']:.1f}" for r in mine)
+        two = " / ".join(f"{r['fd_2step']:.1f}" for r in mine)
+        print(f"| {name} | {one} | {two} |")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"args": vars(args), "rows": rows}, f, indent=1)
