@@ -89,10 +89,13 @@ def load_vae(name_or_path: str, subfolder: Optional[str] = None):
     from mmf_diffusers.pipeline_mmf import VAE_CLASSES
 
     where = name_or_path + (f" (subfolder {subfolder!r})" if subfolder else "")
+    # A Hub id is "name" or "owner/name": anything else that is not a folder is a missing local path.
+    if not os.path.isdir(name_or_path) and (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1):
+        raise LatentError(f"Could not read a model config at --vae_name_or_path {where}: no such folder")
     try:
         config = AutoencoderKL.load_config(name_or_path, subfolder=subfolder)
     except (OSError, ValueError) as error:
-        raise LatentError(f"Could not read a model config at --vae_name_or_path {where}: {error}") from None
+        raise LatentError(f"Could not read a model config at --vae_name_or_path {where}: {_first_line(error)}") from None
     class_name = config.get("_class_name")
     classes = {cls.__name__: cls for cls in VAE_CLASSES}
     if class_name not in classes:
@@ -101,9 +104,14 @@ def load_vae(name_or_path: str, subfolder: Optional[str] = None):
     try:
         vae = classes[class_name].from_pretrained(name_or_path, subfolder=subfolder)
     except (OSError, ValueError) as error:
-        raise LatentError(f"Could not load the {class_name} at --vae_name_or_path {where}: {error}") from None
+        raise LatentError(f"Could not load the {class_name} at --vae_name_or_path {where}: {_first_line(error)}") from None
     vae.requires_grad_(False)
     return vae.eval()
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def vae_fingerprint(vae) -> str:
