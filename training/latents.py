@@ -38,6 +38,7 @@ import argparse
 import hashlib
 import json
 import os
+import time
 from typing import Callable, Optional
 
 import numpy as np
@@ -227,6 +228,7 @@ def cached_latents(vae, image_dataset, cache_dir: str, log: Callable[[str], None
             f"{', both orientations' if with_flip else ''})")
         return tensors["latents"], tensors.get("latents_flipped")
     n = len(image_dataset)
+    start_time = time.time()
     log(f"Latent cache: encoding {n} images{' in both orientations' if with_flip else ''} with the "
         f"{type(vae).__name__} into {path}")
     outputs = {"latents": [], "latents_flipped": []}
@@ -244,6 +246,7 @@ def cached_latents(vae, image_dataset, cache_dir: str, log: Callable[[str], None
     temporary = f"{path}.tmp-{os.getpid()}"
     save_file(tensors, temporary, metadata=metadata)
     os.replace(temporary, path)
+    log(f"Latent cache: {n * (2 if with_flip else 1)} encodings in {time.time() - start_time:.1f} s")
     return tensors["latents"], tensors.get("latents_flipped")
 
 
