@@ -12,10 +12,12 @@ same machine.
 
 With ``--quality N``: N samples at each of ``--steps`` (classes in turn for a class-conditional pipeline, seed 0, as
 ``mmf-evaluate`` draws them) scored with FD-MNISTCNN against the MNIST test set and class accuracy, all at
-``--quality-size`` pixels (28: MNIST's own size). Samples of another size are first resized to it with PIL bilinear
-(antialiased), the resize `mmf-evaluate` applies to reference images, so a 32x32 latent model and a 28x28 pixel
-model are scored against the same reference statistics. (Scored at 32 px instead, real MNIST gives a lower floor:
-1000 training images 4.2 at 32 px against 9.9 at 28 px, so figures at different sizes do not compare.)
+``--quality-size`` pixels. Samples of another size are first resized to it with PIL bilinear, the resize with which
+`mmf-evaluate` brings the reference to the samples' size and training/data.py brings MNIST to ``--resolution``. At 32
+(the default) every model is scored in the space the latent model was trained in (MNIST upsampled 28 -> 32; real
+training images: 4.2); a 28x28 pixel model's samples get the same upsampling as the real images did. Scoring at 28
+instead is not like for like: the classifier's features react strongly to the blur of a 32 -> 28 resize (real
+training images upsampled to 32 and resized back score 64, against 9.9 untouched; benchmarks/vae_quality.py).
 """
 
 from __future__ import annotations
@@ -98,7 +100,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per figure")
     parser.add_argument("--quality", type=int, default=0, help="samples per FD-MNISTCNN figure (0: no quality)")
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 2], help="sampling steps scored by --quality")
-    parser.add_argument("--quality-size", type=int, default=28, help="size at which every pipeline is scored")
+    parser.add_argument("--quality-size", type=int, default=32, help="size at which every pipeline is scored")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
     if args.train_log and len(args.train_log) != len(args.pipeline):

@@ -8,7 +8,8 @@ latents' mean and std (the UNet's inputs; about 0 and 1 when the VAE's shift and
 posterior's mean std against the spread of the posterior means (why the cache holds the mean); and how far
 ``E(flip(x))`` is from ``flip(E(x))`` relative to the latents' std (why flips are encoded, not applied to latents).
 With ``--fd N``: FD-MNISTCNN against the whole MNIST test set of N real training images and of their reconstructions
-(at ``--resolution``; the floor a latent model with this VAE can reach).
+(the floor a latent model with this VAE can reach), scored at ``--fd-size`` pixels (default ``--resolution``; images of
+another size are resized with PIL bilinear first, as benchmarks/latent_cost.py does).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def main(argv=None) -> int:
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--num", type=int, default=2000, help="MNIST test images")
     parser.add_argument("--fd", type=int, default=0, help="also FD-MNISTCNN of N training images and reconstructions")
+    parser.add_argument("--fd-size", type=int, default=None, help="score --fd at this size (default --resolution)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     vae = AutoencoderKL.from_pretrained(args.vae, subfolder=args.subfolder).eval()
@@ -63,9 +65,22 @@ def main(argv=None) -> int:
         train, _ = load_mnist("train")
         real = torch.from_numpy(np.stack([preprocess(Image.fromarray(im), args.resolution, 1) for im in train[:args.fd]]))
         rebuilt = torch.cat([decode_latents(vae, encode_images(vae, c)) for c in real.split(250)]).clamp(-1, 1)
-        evaluator = Evaluator(["fd-mnistcnn"], "mnist-test", args.resolution, log=lambda m: None)
-        report[f"fd_mnistcnn_{args.fd}_real_train_images"] = evaluator.score(real)["fd-mnistcnn"]
-        report[f"fd_mnistcnn_{args.fd}_reconstructions"] = evaluator.score(rebuilt)["fd-mnistcnn"]
+        from mmf_diffusers.evaluation import quantize_to_uint8, resize_reference
+
+        size = args.fd_size or args.resolution
+
+        def at_size(images):
+            if images.shape[-1] == size:
+                return images
+            pixels = quantize_to_uint8(images)[:, 0].numpy().astype("uint8")
+            return torch.from_numpy(resize_reference(pixels, size)).float()[:, None] / 127.5 - 1
+
+        evaluator = Evaluator(["fd-mnistcnn"], "mnist-test", size, log=lambda m: None)
+        real28 = torch.from_numpy(train[:args.fd, None].astype(np.float32) / 127.5 - 1)
+        report["fd_size"] = size
+        report[f"fd_mnistcnn_{args.fd}_real_train_images_28px_source"] = evaluator.score(at_size(real28))["fd-mnistcnn"]
+        report[f"fd_mnistcnn_{args.fd}_real_train_images_prepared"] = evaluator.score(at_size(real))["fd-mnistcnn"]
+        report[f"fd_mnistcnn_{args.fd}_reconstructions"] = evaluator.score(at_size(rebuilt))["fd-mnistcnn"]
     print(json.dumps(report, indent=2))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
