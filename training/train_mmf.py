@@ -73,6 +73,7 @@ from data import OFFLINE_DATASETS, DataError, check_data_source  # noqa: E402  (
 import run_lock  # noqa: E402  (fcntl only)
 import run_state  # noqa: E402  (imports torch/safetensors only inside its functions)
 import trajectory_modality  # noqa: E402  (--modality trajectory; argparse only at import)
+import latents as latent_lib  # noqa: E402  (--vae_name_or_path; numpy only at import)
 
 LAM_SCHEDULES = ("constant", "linear", "cosine", "sqrt", "step")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
@@ -279,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "a token on the command line is visible to other users (ps). Never printed or saved.")
     g.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repository as private.")
     trajectory_modality.add_arguments(parser)
+    latent_lib.add_arguments(parser)
     return parser
 
 
@@ -356,11 +358,13 @@ def validate_args(args: argparse.Namespace) -> None:
         need(args.attention_levels is None or len(args.attention_levels) == levels,
              f"--attention_levels needs one 0/1 per level ({levels}), got {args.attention_levels}")
         factor = 2 ** (levels - 1)
-        need(args.resolution % factor == 0,
+        need(args.resolution % factor == 0 or args.vae_name_or_path is not None,  # latents: checked in latents.py
              f"--resolution {args.resolution} cannot go through a UNet with {levels} levels: it must be divisible by "
              f"2**{levels - 1} = {factor} (e.g. {max(factor, args.resolution // factor * factor)}).")
     elif args.pretrained_unet_subfolder is not None:
         need(bool(args.pretrained_unet_subfolder.strip()), "--pretrained_unet_subfolder is empty")
+
+    latent_lib.validate(args, need)
 
     resume = args.resume_from_checkpoint
     if resume is not None and resume != "latest":
@@ -511,8 +515,8 @@ def _make_push_fn(args):
     from mmf_diffusers.hub import make_push_fn
 
     try:  # a rejected token or a Hub that does not answer: a clear error before any training
-        push = make_push_fn(args, ignore_patterns=["checkpoint-*", ".tmp-*", ".trash-*", "logs/*", "samples/*"],
-                            validate=True)
+        push = make_push_fn(args, ignore_patterns=["checkpoint-*", ".tmp-*", ".trash-*", "logs/*", "samples/*",
+                                                     "latent_cache/*"], validate=True)
     except ValueError as error:
         raise ConfigError(str(error))
 
@@ -710,6 +714,11 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
                 raise ConfigError(f"{source_name} has {len(class_names)} class; class-conditional training needs two "
                                   "or more")
             log(f"{len(class_names)} classes: {', '.join(class_names[:20])}{' ...' if len(class_names) > 20 else ''}")
+    # Latent space: the frozen VAE encodes every image once (cached on disk); the UNet is built for the latents.
+    latent = _latent_space(args, dataset, num_channels, accelerator, log, ConfigError) if args.vae_name_or_path else None
+    if latent is not None:
+        dataset = latent.dataset
+    unet_size, unet_channels = (latent.size, latent.channels) if latent else (args.resolution, num_channels)
     global_batch = args.train_batch_size * accelerator.num_processes
     if len(dataset) < global_batch:
         raise ConfigError(f"{source_name} has {len(dataset)} usable items, fewer than one global batch of "
@@ -747,17 +756,22 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
             raise ConfigError(f"Could not load a UNet2DModel from --pretrained_unet {args.pretrained_unet!r}: {error}")
         unet = add_second_time_embedding(unet)
         levels = len(unet.config.block_out_channels)
-        if args.resolution % 2 ** (levels - 1):
+        if latent is not None:
+            try:
+                latent.check_unet(levels, unet.config.in_channels)
+            except ValueError as error:
+                raise ConfigError(str(error))
+        elif args.resolution % 2 ** (levels - 1):
             raise ConfigError(f"--resolution {args.resolution} cannot go through the pretrained UNet with {levels} "
                               f"levels: it must be divisible by {2 ** (levels - 1)}.")
-        if unet.config.in_channels != num_channels:
+        if unet.config.in_channels != unet_channels:
             raise ConfigError(f"The pretrained UNet takes {unet.config.in_channels} channels, the data has "
-                              f"{num_channels} (set --num_channels to match).")
-        if unet.config.sample_size != args.resolution:
-            log(f"Note: the pretrained UNet's sample_size {unet.config.sample_size} becomes {args.resolution}.")
-            unet.register_to_config(sample_size=args.resolution)
+                              f"{unet_channels} (set --num_channels to match).")
+        if unet.config.sample_size != unet_size:
+            log(f"Note: the pretrained UNet's sample_size {unet.config.sample_size} becomes {unet_size}.")
+            unet.register_to_config(sample_size=unet_size)
     else:
-        unet = build_mmf_unet(sample_size=args.resolution, in_channels=num_channels,
+        unet = build_mmf_unet(sample_size=unet_size, in_channels=unet_channels,
                               block_out_channels=args.block_out_channels, layers_per_block=args.layers_per_block,
                               attention_levels=args.attention_levels, norm_num_groups=args.norm_num_groups,
                               attention_head_dim=args.attention_head_dim)
@@ -891,13 +905,14 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
     batches = iter(loader)
     rank_rows = slice(accelerator.process_index * args.train_batch_size,
                       (accelerator.process_index + 1) * args.train_batch_size)
-    sample_shape = modality.sample_shape if modality else (num_channels, args.resolution, args.resolution)
+    sample_shape = modality.sample_shape if modality else (unet_channels, unet_size, unet_size)
 
     def make_pipeline():
         if modality is not None:
             return modality.make_pipeline(inner)
         return MMFPipeline(unet=inner, scheduler=MMFScheduler(), conditioner=inner_conditioner,
-                           time_scale=args.time_scale, second_time=args.second_time)
+                           vae=latent.vae if latent else None, time_scale=args.time_scale,
+                           second_time=args.second_time)
 
     def with_ema_weights(fn):
         if ema is None:
@@ -1098,6 +1113,23 @@ def _config_summary(config: dict, path: str) -> str:
     sizes = ", ".join(f"{k} {config[k]}" for k in ("num_processes", "global_batch_size", "num_training_images",
                                                      "num_channels", "num_parameters") if k in config)
     return f"Configuration (all of it in {path}): {' '.join(changed)}; {sizes}"
+
+
+def _latent_space(args, image_dataset, num_channels, accelerator, log, error_class):
+    """--vae_name_or_path: the frozen VAE, the checks (before any encoding), and the cached latents; see latents.py.
+    The main process encodes (or finds the cache) first, the others then read its file."""
+    cache_dir = args.latent_cache_dir or os.path.join(args.output_dir, "latent_cache")
+    try:
+        vae = latent_lib.load_vae(args.vae_name_or_path, args.vae_subfolder)
+        levels = None if args.pretrained_unet else len(args.block_out_channels)
+        latent = latent_lib.LatentSpace(vae, args.resolution, num_channels, unet_levels=levels)
+        with accelerator.main_process_first():
+            latent.encode_dataset(image_dataset, cache_dir, log=log)
+    except latent_lib.LatentError as error:
+        raise error_class(str(error))
+    log(f"Latent space: {type(vae).__name__} (factor {latent.factor}); the UNet works on {latent.channels}x"
+        f"{latent.size}x{latent.size} latents.")
+    return latent
 
 
 def _tensorboard_tracker(accelerator):

@@ -6,6 +6,10 @@ Conventions (the same in every module of mmf_diffusers):
     * the network predicts the *average* velocity ``u(z_t, r, t)``, so ``z_r = z_t - (t - r) * u(z_t, r, t)``
       and one step is ``x = z_1 - u(z_1, 0, 1)``.
 
+With a ``vae`` component (latent MMF, as diffusers' latent-diffusion pipelines), ``x`` is a scaled latent:
+``x = (E(image) - shift_factor) * scaling_factor`` with the VAE config's factors (`encode_images`), and images come
+back as ``D(x / scaling_factor + shift_factor)`` (`decode_latents`); one step is one UNet call plus one decode.
+
 This file imports only torch and diffusers (and huggingface_hub, which diffusers depends on): it is also copied as
 ``pipeline.py`` into Hub repositories (diffusers' remote-code layout), so people without mmf_diffusers installed can load
 a pushed model.
@@ -21,7 +25,7 @@ import sys
 from typing import List, Optional, Tuple, Union
 
 import torch
-from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
+from diffusers import AutoencoderKL, AutoencoderTiny, DiffusionPipeline, ImagePipelineOutput, UNet2DModel, VQModel
 from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import snapshot_download
@@ -47,6 +51,58 @@ OUTPUT_TYPES = ("pil", "np", "pt")
 #: the package's own entries, e.g. ``{"_class_name": "MMFPipeline", "scheduler": ["mmf_diffusers.scheduling_mmf",
 #: "MMFScheduler"]}``. diffusers ignores keys that start with ``_``.
 PACKAGE_LAYOUT_KEY = "_mmf_package_layout"
+
+#: The autoencoders a latent MMFPipeline takes as its ``vae`` (all map images in ``[-1, 1]`` to latents and back).
+VAE_CLASSES = (AutoencoderKL, AutoencoderTiny, VQModel)
+
+
+def check_vae(vae) -> None:
+    """Raise a ValueError unless ``vae`` is one of `VAE_CLASSES`."""
+    if not isinstance(vae, VAE_CLASSES):
+        names = ", ".join(cls.__name__ for cls in VAE_CLASSES)
+        raise ValueError(f"vae must be one of {names} from diffusers, got {type(vae).__name__}")
+
+
+def vae_latent_channels(vae) -> int:
+    """Channels of the latent the UNet works on (a VQModel's codebook vectors have ``vq_embed_dim`` of them)."""
+    check_vae(vae)
+    if isinstance(vae, VQModel):
+        return int(vae.config.vq_embed_dim or vae.config.latent_channels)
+    return int(vae.config.latent_channels)
+
+
+def vae_scale_factor(vae) -> int:
+    """How many pixels one latent position covers along each side: ``image size = latent size * factor``."""
+    check_vae(vae)
+    if isinstance(vae, AutoencoderTiny):
+        return 2 ** (len(vae.config.encoder_block_out_channels) - 1)
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def vae_scaling(vae) -> Tuple[float, float]:
+    """``(scaling_factor, shift_factor)`` from the VAE's config (a missing or ``None`` shift is 0)."""
+    check_vae(vae)
+    return float(vae.config.scaling_factor), float(getattr(vae.config, "shift_factor", None) or 0.0)
+
+
+def encode_images(vae, images: torch.Tensor) -> torch.Tensor:
+    """Images ``(B, C, H, W)`` in ``[-1, 1]`` -> scaled latents ``(B, c, H / f, W / f)``: ``(E(x) - shift) * scale``.
+
+    ``E`` is the posterior mean for an `AutoencoderKL` (deterministic: the same image always gives the same latent),
+    the encoder output for `AutoencoderTiny`, and the unquantised encoder output for a `VQModel` (its decoder
+    quantises). Runs in the VAE's dtype; no gradients are kept.
+    """
+    scale, shift = vae_scaling(vae)
+    with torch.no_grad():
+        out = vae.encode(images.to(device=vae.device, dtype=vae.dtype))
+        latents = out.latent_dist.mean if isinstance(vae, AutoencoderKL) else out.latents
+    return (latents - shift) * scale
+
+
+def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled latents ``(B, c, h, w)`` -> images ``(B, C, h * f, w * f)``, about ``[-1, 1]``: ``D(x / scale + shift)``."""
+    scale, shift = vae_scaling(vae)
+    return vae.decode(latents.to(dtype=vae.dtype) / scale + shift).sample
 
 
 def unet_average_velocity(
@@ -132,6 +188,10 @@ class MMFPipeline(DiffusionPipeline):
         scheduler ([`MMFScheduler`] or [`FlowMapEulerDiscreteScheduler`]): applies ``z_r = z_t - (t - r) u``.
         conditioner ([`MMFConditioner`], *optional*): embeds the second time and a class label for a class-conditional
             UNet; it keeps the class names. ``None`` (the default) for an unconditional model.
+        vae ([`AutoencoderKL`], [`AutoencoderTiny`] or [`VQModel`], *optional*): a latent model. The UNet then works
+            on latents scaled by the VAE config's ``scaling_factor`` (and ``shift_factor``), with as many channels as
+            the latent and ``sample_size`` the latent size, and every output is decoded once. ``None`` (the default):
+            the UNet works on pixels.
         time_scale (`float`): scale of both times at the UNet's input; saved in ``model_index.json`` so that sampling
             always uses the mapping the model was trained with.
         second_time (`str`): ``"h"`` (the UNet's second time is ``t - r``) or ``"r"``.
@@ -144,17 +204,20 @@ class MMFPipeline(DiffusionPipeline):
         >>> images = pipe(num_images=8, generator=torch.Generator().manual_seed(0)).images  # one network call
         >>> images = pipe(num_images=8, num_inference_steps=2).images  # two calls
         >>> eights = pipe(num_images=8, class_labels=8 * [8]).images  # class-conditional model: eights, one call
+        >>> latent = MMFPipeline.from_pretrained("pipelines/mmf-mnist-latent")  # UNet on 4x8x8 latents, a VAE
+        >>> digits = latent(num_images=8, class_labels=list(range(8))).images  # one UNet call + one decode, 32x32
         ```
     """
 
-    model_cpu_offload_seq = "conditioner->unet"
-    _optional_components = ["conditioner"]
+    model_cpu_offload_seq = "conditioner->unet->vae"
+    _optional_components = ["conditioner", "vae"]
 
     def __init__(
         self,
         unet: UNet2DModel,
         scheduler,
         conditioner=None,
+        vae=None,
         time_scale: float = DEFAULT_TIME_SCALE,
         second_time: str = "h",
     ):
@@ -195,14 +258,34 @@ class MMFPipeline(DiffusionPipeline):
                 f"time_embedding_type={unet.config.time_embedding_type!r} is not supported: MMF needs 'positional' "
                 "(Fourier features take log(t) and fail at t = 0 or h = 0)."
             )
+        if vae is not None:
+            check_vae(vae)
+            channels = vae_latent_channels(vae)
+            if unet.config.in_channels != channels or unet.config.out_channels != channels:
+                raise ValueError(
+                    f"The VAE's latents have {channels} channels but the UNet takes {unet.config.in_channels} and "
+                    f"gives {unet.config.out_channels}"
+                )
         install_class_embedding_cast(unet)
-        self.register_modules(unet=unet, scheduler=scheduler, conditioner=conditioner)
+        self.register_modules(unet=unet, scheduler=scheduler, conditioner=conditioner, vae=vae)
         self.register_to_config(time_scale=float(time_scale), second_time=second_time)
 
     @property
     def is_class_conditional(self) -> bool:
         """Whether the model takes class labels (it has a conditioner)."""
         return getattr(self, "conditioner", None) is not None
+
+    @property
+    def is_latent(self) -> bool:
+        """Whether the UNet works in the latent space of a VAE (the pipeline has a ``vae``)."""
+        return getattr(self, "vae", None) is not None
+
+    @property
+    def image_size(self) -> Union[int, Tuple[int, int]]:
+        """Size of the images this pipeline makes: the UNet's ``sample_size`` times the VAE's factor (1 on pixels)."""
+        factor = vae_scale_factor(self.vae) if self.is_latent else 1
+        size = self.unet.config.sample_size
+        return size * factor if isinstance(size, int) else tuple(s * factor for s in size)
 
     @property
     def class_names(self) -> Optional[List[str]]:
@@ -323,7 +406,8 @@ class MMFPipeline(DiffusionPipeline):
                 diffusers' unconditional pipelines use); give one or the other.
             num_inference_steps (`int`, defaults to 1): network evaluations; 1 is ``x = z_1 - u(z_1, 0, 1)``.
             generator (`torch.Generator` or a list of one per image): makes the initial noise reproducible.
-            latents (`torch.Tensor`, *optional*): initial noise ``z_1`` of shape ``(num_images, C, H, W)``.
+            latents (`torch.Tensor`, *optional*): initial noise ``z_1`` of shape ``(num_images, C, H, W)``, the UNet's
+                input (for a latent model: latent channels and latent size).
             output_type (`str`): ``"pil"``, ``"np"`` (float array ``(B, H, W, C)`` in ``[0, 1]``) or ``"pt"``
                 (float tensor ``(B, C, H, W)`` in ``[0, 1]``).
             return_dict (`bool`): return an [`ImagePipelineOutput`] instead of a 1-tuple.
@@ -402,8 +486,9 @@ class MMFPipeline(DiffusionPipeline):
                 u = self.guided_average_velocity(latents, r, t, labels, float(guidance_scale))
             latents = self.scheduler.step(u, timestep, latents).prev_sample
 
-        # 3. post-process: the model works in [-1, 1]
-        image = (latents.float() / 2 + 0.5).clamp(0, 1)
+        # 3. post-process: decode a latent model's sample (one VAE call); images are in [-1, 1]
+        image = decode_latents(self.vae, latents) if self.is_latent else latents
+        image = (image.float() / 2 + 0.5).clamp(0, 1)
         if output_type == "pt":
             images = image
         else:

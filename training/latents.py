@@ -1,0 +1,278 @@
+"""Latent-space training for `train_mmf.py` (``--vae_name_or_path``): a frozen VAE, and every image encoded once.
+
+The UNet is trained on ``x = (E(image) - shift_factor) * scaling_factor`` (the VAE config's factors; the same
+`mmf_diffusers.pipeline_mmf.encode_images` the pipeline's `decode_latents` inverts), with the latent's channels and
+size, and the saved `MMFPipeline` carries the VAE as its ``vae`` component, so sampling decodes once per image.
+
+* **The VAE is frozen**: loaded once (``AutoencoderKL``, ``AutoencoderTiny`` or ``VQModel``, from a folder or a Hub
+  id with ``--vae_subfolder``), ``eval()``, ``requires_grad_(False)``, never given to the optimiser, EMA, accelerate
+  or a checkpoint; it is only used before training starts.
+* **Posterior mean, not a sample** (`AutoencoderKL`): the cache holds ``E[z | x]``. A sample drawn once and cached
+  would freeze one draw of the posterior noise for every epoch, which is neither the mean nor fresh sampling; fresh
+  sampling per step (what latent-diffusion training does with an online encoder) would need the posterior's std in
+  the cache and adds noise the decoder mostly ignores: for a VAE trained with a small KL weight the posterior std is
+  small against the spread of the means (the demonstration VAE: see ``pipelines/mmf-mnist-latent``). The mean is
+  deterministic, so the cache is exact and reproducible, and sampling starts from the same scaled space.
+* **The cache** lives in ``--latent_cache_dir`` (default ``<output_dir>/latent_cache``) as
+  ``<key>.safetensors``: ``latents`` ``(N, c, h, w)`` float32 and, with ``--random_flip``, ``latents_flipped``, plus
+  the ingredients of the key as metadata. The key is a SHA-256 of: the VAE's class, config (scaling and shift
+  included) and weights; the prepared pixels of every image (so a changed, added or removed image changes it); the
+  resolution, channels and crop; whether flips are cached; the cache format. Anything that changes the latents
+  therefore changes the file name: a resumed run or a second run on the same data and VAE reuses the file, and any
+  change encodes again into a new file (old files are left in place; delete the folder to reclaim the space).
+  Finding the key costs one pass of image preparation (no VAE call); the file is written to a temporary name and
+  renamed, so a killed run never leaves a partial cache.
+* **Flips are encoded, not applied to latents**: a VAE's encoder is not equivariant to a left-right flip (for the
+  demonstration VAE and a random one ``E(flip(x)) != flip(E(x))``: tests/test_latent.py measures it), so with
+  ``--random_flip`` both orientations are encoded and cached, and `LatentDataset` picks one per ``(seed, epoch,
+  index)`` with exactly the draw `data.ImageDataset` makes for the same item.
+* **Crops**: the cache holds one latent per image and orientation, so the crop must be deterministic:
+  ``--center_crop`` is required.
+
+This module imports numpy only at import time (train_mmf.py checks its arguments before the heavy imports).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import time
+from typing import Callable, Optional
+
+import numpy as np
+
+CACHE_FORMAT = 1
+ENCODE_BATCH = 64
+
+
+class LatentError(ValueError):
+    """Bad input for latent training: a VAE of the wrong class, sizes or channels that do not fit."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("latent space (train the UNet on the latents of a frozen VAE)")
+    g.add_argument("--vae_name_or_path", type=str, default=None,
+                   help="A diffusers AutoencoderKL, AutoencoderTiny or VQModel (folder or Hub id). The UNet is then "
+                   "built for its latent channels and size (--resolution / the VAE's factor), every image is encoded "
+                   "once into the latent cache, and the saved pipeline includes the VAE. The VAE stays frozen (eval "
+                   "mode, outside the optimiser). Latents are the posterior mean E[z|x], scaled by the VAE config's "
+                   "scaling_factor (and shift_factor): deterministic, so the cache is exact; a sample cached once would "
+                   "freeze one draw of noise for every epoch. Needs --center_crop (one cached latent per image).")
+    g.add_argument("--vae_subfolder", type=str, default=None,
+                   help="Subfolder of --vae_name_or_path holding the VAE (e.g. 'vae' for a pipeline repository).")
+    g.add_argument("--latent_cache_dir", type=str, default=None,
+                   help="Where encoded latents are cached (default: <output_dir>/latent_cache), as <key>.safetensors; "
+                   "the key hashes the VAE (class, config, weights), the prepared pixels, resolution, channels and "
+                   "--random_flip (both orientations are encoded), so any change encodes again into a new file.")
+
+
+def validate(args: argparse.Namespace, need: Callable[[bool, str], None]) -> None:
+    """Checks that need no heavy import (called from train_mmf.validate_args)."""
+    if args.vae_name_or_path is None:
+        need(args.vae_subfolder is None, "--vae_subfolder only applies with --vae_name_or_path")
+        need(args.latent_cache_dir is None, "--latent_cache_dir only applies with --vae_name_or_path")
+        return
+    need(bool(args.vae_name_or_path.strip()), "--vae_name_or_path is empty")
+    need(args.vae_subfolder is None or bool(args.vae_subfolder.strip()), "--vae_subfolder is empty")
+    need(args.modality == "image", "--vae_name_or_path applies to images, not --modality trajectory")
+    need(args.center_crop,
+         "--vae_name_or_path needs --center_crop: the latent cache holds one latent per image (and orientation), so "
+         "random crops cannot be cached")
+
+
+# ---------------------------------------------------------------------------------------------------- the VAE
+def load_vae(name_or_path: str, subfolder: Optional[str] = None):
+    """The frozen VAE (eval mode, no gradients) from a folder or Hub id; a LatentError for anything else."""
+    from diffusers import AutoencoderKL
+
+    from mmf_diffusers.pipeline_mmf import VAE_CLASSES
+
+    where = name_or_path + (f" (subfolder {subfolder!r})" if subfolder else "")
+    # A Hub id is "name" or "owner/name": anything else that is not a folder is a missing local path.
+    if not os.path.isdir(name_or_path) and (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1):
+        raise LatentError(f"Could not read a model config at --vae_name_or_path {where}: no such folder")
+    try:
+        config = AutoencoderKL.load_config(name_or_path, subfolder=subfolder)
+    except (OSError, ValueError) as error:
+        raise LatentError(f"Could not read a model config at --vae_name_or_path {where}: {_first_line(error)}") from None
+    class_name = config.get("_class_name")
+    classes = {cls.__name__: cls for cls in VAE_CLASSES}
+    if class_name not in classes:
+        raise LatentError(f"--vae_name_or_path {where} holds a {class_name}, not a VAE: it must be one of "
+                          f"{', '.join(classes)}")
+    try:
+        vae = classes[class_name].from_pretrained(name_or_path, subfolder=subfolder)
+    except (OSError, ValueError) as error:
+        raise LatentError(f"Could not load the {class_name} at --vae_name_or_path {where}: {_first_line(error)}") from None
+    vae.requires_grad_(False)
+    return vae.eval()
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def vae_fingerprint(vae) -> str:
+    """SHA-256 of the VAE's class, public config (scaling and shift included) and every weight, in a fixed order."""
+    import torch
+
+    digest = hashlib.sha256(type(vae).__name__.encode())
+    config = {k: v for k, v in dict(vae.config).items() if not k.startswith("_")}
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(vae.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class LatentSpace:
+    """What train_mmf.py needs to train on latents: the frozen ``vae``, the UNet's ``channels`` and ``size``, and
+    (after `encode_dataset`) the ``dataset`` of cached latents.
+
+    Checks, each a LatentError with the reason: the VAE's class; the data's channels against the VAE's input;
+    ``resolution`` divisible by the VAE's factor; the latent size against the UNet's levels (``unet_levels``; give
+    ``None`` when the UNet is loaded later and call `check_unet` then).
+    """
+
+    def __init__(self, vae, resolution: int, num_channels: int, unet_levels: Optional[int] = None):
+        from mmf_diffusers.pipeline_mmf import check_vae, vae_latent_channels, vae_scale_factor
+
+        try:
+            check_vae(vae)
+        except ValueError as error:
+            raise LatentError(str(error)) from None
+        self.vae = vae
+        self.factor = vae_scale_factor(vae)
+        self.channels = vae_latent_channels(vae)
+        if vae.config.in_channels != num_channels:
+            raise LatentError(f"The VAE encodes {vae.config.in_channels}-channel images but the data has {num_channels} "
+                              "channels (set --num_channels to match)")
+        if resolution % self.factor:
+            raise LatentError(f"--resolution {resolution} is not divisible by the VAE's factor {self.factor} (e.g. "
+                              f"{max(self.factor, resolution // self.factor * self.factor)})")
+        self.size = resolution // self.factor
+        self.dataset = None
+        if unet_levels is not None:
+            self.check_unet(unet_levels)
+
+    def check_unet(self, levels: int, in_channels: Optional[int] = None) -> None:
+        """The latent must go through a UNet with ``levels`` levels (and ``in_channels`` channels, if given)."""
+        factor = 2 ** (levels - 1)
+        if self.size % factor:
+            raise LatentError(f"The latent is {self.size}x{self.size} (--resolution / the VAE's factor {self.factor}), "
+                              f"which a UNet with {levels} levels cannot take: it must be divisible by 2**{levels - 1} "
+                              f"= {factor}; use fewer UNet levels or a resolution of "
+                              f"{max(factor, self.size // factor * factor) * self.factor}")
+        if in_channels is not None and in_channels != self.channels:
+            raise LatentError(f"The UNet takes {in_channels} channels but the VAE's latents have {self.channels}")
+
+    def encode_dataset(self, image_dataset, cache_dir: str, log: Callable[[str], None] = print) -> "LatentDataset":
+        """Encode ``image_dataset`` (a centre-cropped `data.ImageDataset`) once, or reuse the cache; returns (and
+        keeps as ``self.dataset``) the `LatentDataset` that replaces it."""
+        if not image_dataset.center_crop:
+            raise LatentError("latent caching needs centre crops (--center_crop)")
+        latents, flipped = cached_latents(self.vae, image_dataset, cache_dir, log)
+        labels = None
+        if image_dataset.with_labels:
+            labels = np.asarray([int(image_dataset.source.labels[i]) for i in image_dataset.indices], dtype=np.int64)
+        self.dataset = LatentDataset(latents, flipped, labels, seed=image_dataset.seed)
+        return self.dataset
+
+
+# ---------------------------------------------------------------------------------------------------- the cache
+def _unflipped_images(image_dataset, start: int, stop: int) -> np.ndarray:
+    """Prepared pixels ``(n, C, R, R)`` of items ``[start, stop)`` without flip (a centre crop draws nothing)."""
+    arrays = []
+    for i in range(start, stop):
+        with image_dataset.source.open(image_dataset.indices[i]) as image:
+            arrays.append(_preprocess(image, image_dataset))
+    return np.stack(arrays)
+
+
+def _preprocess(image, image_dataset) -> np.ndarray:
+    from data import preprocess
+
+    return preprocess(image, image_dataset.resolution, image_dataset.num_channels, center_crop=True, random_flip=False)
+
+
+def cache_key(vae, image_dataset, chunk: int = 1024) -> str:
+    """The SHA-256 naming the cache file (see the module docstring): VAE, prepared pixels, sizes, flips, format."""
+    digest = hashlib.sha256(f"mmf-latent-cache:{CACHE_FORMAT}:posterior-mean".encode())
+    digest.update(vae_fingerprint(vae).encode())
+    digest.update(json.dumps({"resolution": image_dataset.resolution, "num_channels": image_dataset.num_channels,
+                              "center_crop": True, "random_flip": bool(image_dataset.random_flip),
+                              "num_images": len(image_dataset)}, sort_keys=True).encode())
+    for start in range(0, len(image_dataset), chunk):
+        digest.update(_unflipped_images(image_dataset, start, min(start + chunk, len(image_dataset))).tobytes())
+    return digest.hexdigest()
+
+
+def cached_latents(vae, image_dataset, cache_dir: str, log: Callable[[str], None] = print):
+    """``(latents, latents_flipped or None)``, float32 numpy ``(N, c, h, w)``, from ``cache_dir`` when present (same
+    key), else encoded now (both orientations with ``random_flip``) and written there."""
+    import torch
+    from safetensors.numpy import load_file, save_file
+
+    from mmf_diffusers.pipeline_mmf import encode_images
+
+    key = cache_key(vae, image_dataset)
+    path = os.path.join(cache_dir, f"{key[:32]}.safetensors")
+    with_flip = bool(image_dataset.random_flip)
+    if os.path.isfile(path):
+        tensors = load_file(path)
+        log(f"Latent cache: reusing {path} ({tensors['latents'].shape[0]} images"
+            f"{', both orientations' if with_flip else ''})")
+        return tensors["latents"], tensors.get("latents_flipped")
+    n = len(image_dataset)
+    start_time = time.time()
+    log(f"Latent cache: encoding {n} images{' in both orientations' if with_flip else ''} with the "
+        f"{type(vae).__name__} into {path}")
+    outputs = {"latents": [], "latents_flipped": []}
+    for start in range(0, n, ENCODE_BATCH):
+        pixels = torch.from_numpy(_unflipped_images(image_dataset, start, min(start + ENCODE_BATCH, n)))
+        outputs["latents"].append(encode_images(vae, pixels).float().cpu().numpy())
+        if with_flip:  # flip the pixels, then encode: E(flip(x)) is not flip(E(x)) for a VAE
+            outputs["latents_flipped"].append(encode_images(vae, pixels.flip(-1)).float().cpu().numpy())
+    tensors = {name: np.ascontiguousarray(np.concatenate(parts)) for name, parts in outputs.items() if parts}
+    os.makedirs(cache_dir, exist_ok=True)
+    metadata = {"key": key, "format": str(CACHE_FORMAT), "vae_class": type(vae).__name__, "encoding": "posterior mean",
+                "num_images": str(n), "resolution": str(image_dataset.resolution),
+                "random_flip": str(with_flip), "scaling_factor": str(vae.config.scaling_factor),
+                "shift_factor": str(getattr(vae.config, "shift_factor", None))}
+    temporary = f"{path}.tmp-{os.getpid()}"
+    save_file(tensors, temporary, metadata=metadata)
+    os.replace(temporary, path)
+    log(f"Latent cache: {n * (2 if with_flip else 1)} encodings in {time.time() - start_time:.1f} s")
+    return tensors["latents"], tensors.get("latents_flipped")
+
+
+class LatentDataset:
+    """Cached latents in place of `data.ImageDataset`, for the same sampler and ``data.collate``.
+
+    Items are addressed by ``(index, epoch)`` (a plain integer: epoch 0) and return float32 ``(c, h, w)`` latents, or
+    ``(latent, label id)`` pairs when ``labels`` are given. With ``flipped`` (the latents of the flipped images), item
+    ``(i, e)`` is flipped exactly when `data.ImageDataset` (centre crop, ``random_flip``) would flip it: the same
+    ``default_rng([seed, epoch, index]).random() < 0.5`` draw.
+    """
+
+    def __init__(self, latents: np.ndarray, flipped: Optional[np.ndarray] = None, labels: Optional[np.ndarray] = None,
+                 seed: int = 0):
+        if flipped is not None and flipped.shape != latents.shape:
+            raise ValueError(f"flipped latents {flipped.shape} do not match the latents {latents.shape}")
+        self.latents, self.flipped, self.labels, self.seed = latents, flipped, labels, seed
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+    def __getitem__(self, item):
+        index, epoch = item if isinstance(item, tuple) else (item, 0)
+        latent = self.latents[index]
+        if self.flipped is not None and np.random.default_rng([self.seed, epoch, index]).random() < 0.5:
+            latent = self.flipped[index]
+        if self.labels is not None:
+            return latent, int(self.labels[index])
+        return latent
