@@ -382,8 +382,10 @@ def test_training_script_rejects_bad_latent_input(tmp_path, capsys):
         assert message in err and len(err.strip().splitlines()) == 1 or "usage:" in err, (message, err[-2000:])
         assert "Traceback" not in err, (message, err[-2000:])
         assert not (tmp_path / "out" / "latent_cache").exists(), message
-    # The command line itself, once: a one-line error and exit status 2.
-    result = run_script(tmp_path, base + ["--vae_name_or_path", str(unet_dir)])
+    # The command line itself, once: a one-line error and exit status 2 (another --output_dir: this process holds the
+    # lock of the first one, as a training run would).
+    other = [a if a != str(tmp_path / "out") else str(tmp_path / "out2") for a in base]
+    result = run_script(tmp_path, other + ["--vae_name_or_path", str(unet_dir)])
     assert result.returncode == 2 and "holds a UNet2DModel, not a VAE" in result.stderr.strip().splitlines()[-1]
     assert "Traceback" not in result.stderr
 

@@ -204,8 +204,6 @@ class MMFPipeline(DiffusionPipeline):
         >>> images = pipe(num_images=8, generator=torch.Generator().manual_seed(0)).images  # one network call
         >>> images = pipe(num_images=8, num_inference_steps=2).images  # two calls
         >>> eights = pipe(num_images=8, class_labels=8 * [8]).images  # class-conditional model: eights, one call
-        >>> latent = MMFPipeline.from_pretrained("pipelines/mmf-mnist-latent")  # UNet on 4x8x8 latents, a VAE
-        >>> digits = latent(num_images=8, class_labels=list(range(8))).images  # one UNet call + one decode, 32x32
         ```
     """
 
