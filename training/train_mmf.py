@@ -1014,7 +1014,7 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
     accum = args.gradient_accumulation_steps
     stat_names = ("loss", "mse", "mean_abs_dudt", "frac_r_neq_t", "mean_weight")
     while global_step < args.max_train_steps:
-        step_start = time.time()
+        step_start, step_start_cpu = time.time(), time.process_time()
         lam = schedule()
         totals = torch.zeros(len(stat_names), dtype=torch.float64)
         for _ in range(accum):
@@ -1067,11 +1067,12 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
         if args.check_param_sync:
             _check_param_sync(accelerator, params, global_step)
 
-        step_time = time.time() - step_start
+        step_time, step_cpu = time.time() - step_start, time.process_time() - step_start_cpu
         record = {"step": global_step, "loss": stats["loss"], "mse": stats["mse"], "lam": lam,
                   "mean_abs_dudt": stats["mean_abs_dudt"], "frac_r_neq_t": stats["frac_r_neq_t"],
                   "mean_weight": stats["mean_weight"], "grad_norm": grad_norm, "lr": lr,
-                  "epoch": sampler.position(state.micro_batch - 1)[0], "step_time_s": step_time}
+                  "epoch": sampler.position(state.micro_batch - 1)[0], "step_time_s": step_time,
+                  "step_cpu_s": step_cpu}
         if accelerator.device.type == "cuda":
             record["peak_gpu_mem_mib"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**20
         if jsonl is not None:
