@@ -14,7 +14,10 @@ level, batch 64) this times a full optimiser step (loss, backward, Adam) for:
   or read off the flow-matching rows (``pair_rows``);
 * ``mmf_jvp_lam0_labels``: the same UNet made class-conditional (`add_class_conditioning`, 10 classes, 10% of labels
   dropped), no guidance; ``mmf_jvp_lam0_cfg``: plus MeanFlow's training-time guidance (``w = 1, kappa = 0.5``):
-  two more no-grad forwards, ``u(z, t, t | c)`` and ``u(z, t, t | none)``, on the labelled rows.
+  two more no-grad forwards, ``u(z, t, t | c)`` and ``u(z, t, t | none)``, on the labelled rows;
+* ``mnist_cond_mmf`` / ``mnist_cond_flow_matching``: the losses of the two MNIST runs of the flow-matching comparison
+  (runs/mmf-mnist-cond and runs/fm-mnist-cond: labels, guidance w = 1 / kappa = 0.5, finite differences, model
+  tangent, rows not paired, lam = 1; flow matching with every row r = t).
 
 Each configuration runs in its own subprocess (so that peak memory, the max RSS, is its own), after warm-up
 steps, and the table gives the median step time, the ratio to flow matching, and the peak RSS. Step time is the
@@ -49,6 +52,8 @@ CONFIGS = [
     "mmf_finite_difference_lam0_model_paired",
     "mmf_jvp_lam0_labels",
     "mmf_jvp_lam0_cfg",
+    "mnist_cond_flow_matching",
+    "mnist_cond_mmf",
 ]
 
 
@@ -85,7 +90,25 @@ def run_one(name: str, args) -> dict:
     fraction = 0.0 if name == "flow_matching" else args.r_neq_t_fraction
     sampler = TimeSampler("logit_normal", -0.4, 1.0, r_neq_t_fraction=fraction)
 
-    if conditional:
+    if name.startswith("mnist_cond_"):
+        # the two MNIST runs of the flow-matching comparison (runs/fm-mnist-cond, runs/mmf-mnist-cond): labels with
+        # 10% dropout, guidance built in (w = 1, kappa = 0.5), finite differences, model tangent, rows not paired,
+        # lam = 1; flow matching is the same loss with every row r = t
+        unet, conditioner = add_class_conditioning(unet, 10)
+        params = list(unet.parameters()) + list(conditioner.parameters())
+        model_fn = unet_model_fn(unet, conditioner=conditioner)
+        optimizer = torch.optim.Adam(params, lr=1e-4)
+        fraction = 0.0 if name.endswith("flow_matching") else args.r_neq_t_fraction
+        sampler = TimeSampler("logit_normal", -0.4, 1.0, r_neq_t_fraction=fraction)
+        loss_fn = ModularMeanFlowLoss(sampler, derivative="finite_difference", tangent="model", guidance_w=1.0,
+                                      guidance_kappa=0.5)
+
+        def step(x):
+            labels = torch.randint(0, 10, (x.shape[0],), generator=g)
+            labels = labels.masked_fill(torch.rand(x.shape[0], generator=g) < 0.1, 10)
+            return loss_fn(model_fn, x, 1.0, generator=g, class_labels=labels, null_label=10).loss
+
+    elif conditional:
         loss_fn = ModularMeanFlowLoss(sampler, guidance_w=1.0, guidance_kappa=0.5 if name.endswith("_cfg") else 0.0)
 
         def step(x):
