@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from typing import Dict, List, Optional, Sequence
@@ -68,15 +69,23 @@ def euler_instantaneous(pipe: MMFPipeline, num_images: int, steps: int, seed: in
 
 
 def training_record(folder: str) -> Optional[Dict]:
-    """Steps, wall time and the loss flags of the run that wrote ``folder``, from its training_config.json."""
+    """The loss and size flags of the run that wrote ``folder`` (its training_config.json) and its step count (the
+    model card's ``| steps | N |`` row), where present."""
+    record = {}
     path = os.path.join(folder, "training_config.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        config = json.load(f)
-    keys = ("global_step", "wall_time_s", "r_neq_t_fraction", "derivative", "pretrained_unet", "train_batch_size",
-            "block_out_channels")
-    return {k: config[k] for k in keys if k in config}
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+        keys = ("r_neq_t_fraction", "derivative", "tangent", "pair_rows", "pretrained_unet", "train_batch_size",
+                "block_out_channels", "label_dropout", "cfg_w", "cfg_kappa")
+        record.update({k: config[k] for k in keys if k in config})
+    card = os.path.join(folder, "README.md")
+    if os.path.isfile(card):
+        with open(card, encoding="utf-8") as f:
+            found = re.search(r"^\| steps \| (\d+) \|", f.read(), re.MULTILINE)
+        if found:
+            record["steps"] = int(found.group(1))
+    return record or None
 
 
 def load(folder: str) -> MMFPipeline:
