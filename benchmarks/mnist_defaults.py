@@ -140,6 +140,7 @@ def main(argv=None) -> int:
     if args.steps < 10 or args.batch < 2 or args.batch % 2 or args.num_images < 10:
         parser.error("--steps >= 10, an even --batch >= 2 and --num-images >= 10, please")
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="mmf-mnist-defaults-")
+    os.makedirs(args.workdir, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     rows = []
     for seed in args.seeds:  # seed-major: a stopped run still leaves every configuration's first seed
