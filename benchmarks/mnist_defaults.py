@@ -86,9 +86,13 @@ def cpu_seconds_per_step(out: str) -> float:
     return statistics.median(values[5:] or values)
 
 
+def run_dir(workdir: str, name: str, seed: int) -> str:
+    return os.path.join(workdir, f"{name.replace(' ', '_').replace('!=', 'neq').replace('=', '')}-seed{seed}")
+
+
 def run_one(name: str, seed: int, args, env) -> dict:
     flags, _ = CONFIGS[name]
-    out = os.path.join(args.workdir, f"{name.replace(' ', '_').replace('!=', 'neq').replace('=', '')}-seed{seed}")
+    out = run_dir(args.workdir, name, seed)
     done = os.path.join(out, "scores.json")
     if os.path.isfile(done):
         with open(done, encoding="utf-8") as f:
@@ -136,7 +140,11 @@ def main(argv=None) -> int:
     parser.add_argument("--num-images", type=int, default=1000)
     parser.add_argument("--workdir", default=None, help="where the runs go (default: a temporary folder)")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--table-only", action="store_true",
+                        help="train nothing: the table of the runs already scored in --workdir")
     args = parser.parse_args(argv)
+    if args.table_only and not args.workdir:
+        parser.error("--table-only needs the --workdir of earlier runs")
     if args.steps < 10 or args.batch < 2 or args.batch % 2 or args.num_images < 10:
         parser.error("--steps >= 10, an even --batch >= 2 and --num-images >= 10, please")
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="mmf-mnist-defaults-")
@@ -145,6 +153,8 @@ def main(argv=None) -> int:
     rows = []
     for seed in args.seeds:  # seed-major: a stopped run still leaves every configuration's first seed
         for name in args.configs:
+            if args.table_only and not os.path.isfile(os.path.join(run_dir(args.workdir, name, seed), "scores.json")):
+                continue
             rows.append(run_one(name, seed, args, env))
             r = rows[-1]
             print(f"  {name} seed {seed}: FD {r['fd_1step']:.1f} / {r['fd_2step']:.1f} (1 / 2 steps), "
