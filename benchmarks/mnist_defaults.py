@@ -45,6 +45,8 @@ CONFIGS = {
     "lam 1": (["--lam_schedule", "constant", "--lam_end", "1"], "full gradient from the first step (no warm-up)"),
     "r!=t 0.5": (["--r_neq_t_fraction", "0.5"], "half the rows with r != t (each step sees half as many images)"),
     "adaptive p=1": (["--adaptive_p", "1"], "MeanFlow's adaptive loss weight 1 / sg(err + c)"),
+    "lam 0 + adaptive p=1": (["--lam_schedule", "constant", "--lam_end", "0", "--adaptive_p", "1"],
+                             "the two changes together"),
     "label dropout 0.2": (["--label_dropout", "0.2"], "twice the rows train the no-label branch"),
     "jvp": (["--derivative", "jvp"], "exact du/dt (forward-mode AD) instead of the finite difference"),
     "wide UNet": (["--block_out_channels", "32", "64", "64"], "the shipped model's width (about 4x the cost)"),

@@ -12,5 +12,5 @@ OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} python training/train_mmf.py --dataset_nam
     --train_batch_size 64 --max_train_steps 20000 --learning_rate 5e-4 \
     --lr_scheduler constant_with_warmup --lr_warmup_steps 100 --checkpointing_steps 250 \
     --checkpoints_total_limit 1 --save_images_steps 500 --num_sample_images 20 --use_ema --seed 0 --logger none \
-    --derivative finite_difference --pair_rows 0 \
+    --derivative finite_difference --pair_rows 0 --adaptive_p 0 \
     --output_dir runs/mmf-mnist-cond "$@"
