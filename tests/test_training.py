@@ -127,7 +127,9 @@ def test_accelerate_launch_end_to_end(tmp_path):
     # logs: one record per step, tensorboard events
     log = read_log(out)
     assert sorted(log) == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in log.values())
-    assert log[1]["lam"] == 0.0 and log[4]["lam"] > 0  # default curriculum: linear 0 -> 1
+    # the default loss (README "Defaults on MNIST"): lam = 0 throughout, MeanFlow's adaptive weight p = 1
+    assert all(r["lam"] == 0.0 for r in log.values())
+    assert all(r["mean_weight"] != 1.0 for r in log.values())
     assert list((out / "logs" / "train_mmf").rglob("events.out.tfevents.*"))
     # the token is nowhere: not printed, not in any file written
     assert token not in result.stdout + result.stderr
@@ -229,16 +231,16 @@ def test_resume_refuses_fixed_flags_and_honours_a_new_learning_rate(tmp_path):
     out = tmp_path / "run"
     base = ["--dataset_name", "sklearn-digits", *TINY, "--train_batch_size", "4", "--max_train_steps", "2",
             "--checkpointing_steps", "2", "--logger", "none", "--lr_scheduler", "constant", "--learning_rate", "1e-3",
-            "--lam_warmup_steps", "1", "--output_dir", out]  # (the default warmup, a third of the steps, would change)
+            "--output_dir", out]
     check(run_script(tmp_path, base))
     checkpoint = out / "checkpoint-2"
     assert (checkpoint / "mmf_state.json").is_file() and (checkpoint / "mmf_state.safetensors").is_file()
     assert not list(checkpoint.glob("custom_checkpoint_*.pkl"))
 
     resume = ["--resume_from_checkpoint", "latest", "--max_train_steps", "4"]
-    result = run_script(tmp_path, base + resume + ["--tangent", "conditional", "--pair_rows", "0", "--adaptive_p", "1"])
+    result = run_script(tmp_path, base + resume + ["--tangent", "conditional", "--pair_rows", "0", "--adaptive_p", "0"])
     check(result, 2)
-    assert "--tangent model -> conditional" in result.stderr and "--adaptive_p 0.0 -> 1.0" in result.stderr
+    assert "--tangent model -> conditional" in result.stderr and "--adaptive_p 1.0 -> 0.0" in result.stderr
     assert "--pair_rows True -> False" in result.stderr
 
     result = run_script(tmp_path, base + resume + ["--learning_rate", "5e-4"])
@@ -283,6 +285,7 @@ def parse_error(capsys, argv) -> str:
     (["--lam_schedule", "exponential"], "invalid choice"),
     (["--derivative", "autograd"], "invalid choice"),
     (["--lam_end", "1.5"], "--lam_end must be in [0, 1]"),
+    (["--lam_warmup_steps", "100"], "--lam_warmup_steps 100 needs a warm-up: add --lam_schedule linear"),
     (["--lam_start", "-0.1"], "--lam_start must be in [0, 1]"),
     (["--max_train_steps", "-3"], "--max_train_steps must be a positive integer"),
     (["--train_batch_size", "0"], "--train_batch_size must be a positive integer"),
