@@ -8,8 +8,8 @@ level, batch 64) this times a full optimiser step (loss, backward, Adam) for:
   separate forward + backward (``r_neq_t_fraction`` rows have r != t, the rest r = t, as in the paper);
 * ``mmf_<estimator>_lam<lam>``: our loss, which takes the derivative on the r != t rows only, for
   ``estimator`` in {jvp, finite_difference} and lam in {0, 1};
-* ``default``: the training script's default loss after its lam warm-up (read from ``train_mmf.py``'s parser:
-  derivative, tangent, ``--pair_rows``, lam = ``--lam_end``);
+* ``default``: the training script's default loss after its lam warm-up, if any (read from ``train_mmf.py``'s
+  parser: derivative, tangent, ``--pair_rows``, adaptive weight, lam = ``--lam_end``);
 * ``mmf_<estimator>_lam<lam>_model[_paired]``: with the model tangent ``u(z, t, t)`` from an extra no-grad forward,
   or read off the flow-matching rows (``pair_rows``);
 * ``mmf_jvp_lam0_labels``: the same UNet made class-conditional (`add_class_conditioning`, 10 classes, 10% of labels
@@ -48,6 +48,7 @@ CONFIGS = [
     "mmf_finite_difference_lam1",
     "mmf_jvp_lam1_model",
     "mmf_finite_difference_lam1_model",
+    "mmf_finite_difference_lam0_model",
     "mmf_finite_difference_lam1_model_paired",
     "mmf_finite_difference_lam0_model_paired",
     "mmf_jvp_lam0_labels",
@@ -121,7 +122,8 @@ def run_one(name: str, args) -> dict:
         sampler = TimeSampler("logit_normal", defaults.time_mean, defaults.time_std,
                               r_neq_t_fraction=defaults.r_neq_t_fraction, pair_rows=bool(defaults.pair_rows))
         loss_fn = ModularMeanFlowLoss(sampler, derivative=defaults.derivative, fd_eps=defaults.fd_eps,
-                                      tangent=defaults.tangent, pair_rows=bool(defaults.pair_rows))
+                                      tangent=defaults.tangent, pair_rows=bool(defaults.pair_rows),
+                                      adaptive_p=defaults.adaptive_p, adaptive_c=defaults.adaptive_c)
         lam = defaults.lam_end
 
         def step(x):
