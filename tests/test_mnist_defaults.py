@@ -37,10 +37,10 @@ def test_a_toy_run_is_scored_and_cached(tmp_path, capsys):
     assert mnist_defaults.main(argv) == 0
     assert weights.stat().st_mtime_ns == before  # not trained again
     assert json.loads((tmp_path / "o.json").read_text())["rows"] == [row]
-    # --table-only reports what is scored and trains nothing (the default configuration was never run here)
-    assert mnist_defaults.main(argv[:1] + ["default", "lam 0"] + argv[2:] + ["--table-only"]) == 0
+    # --table-only reports what is scored and trains nothing (the previous default was never run here)
+    assert mnist_defaults.main(argv[:1] + ["previous default", "lam 0"] + argv[2:] + ["--table-only"]) == 0
     assert json.loads((tmp_path / "o.json").read_text())["rows"] == [row]
-    assert not (tmp_path / "runs" / "default-seed0").exists()
+    assert not (tmp_path / "runs" / "previous_default-seed0").exists()
 
 
 def test_bad_budgets_are_refused():
