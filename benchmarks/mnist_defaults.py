@@ -60,11 +60,10 @@ CONFIGS = {
 
 
 def train_command(out: str, seed: int, args, flags) -> list:
-    base = ["--block_out_channels", *map(str, args.block_out_channels)]
-    if "--block_out_channels" in flags:
-        base = []
+    # a row's own flags come last and win (argparse keeps the last value), --block_out_channels included
     return [sys.executable, os.path.join(ROOT, "training", "train_mmf.py"), "--dataset_name", "mnist-offline",
-            "--resolution", "28", "--class_conditional", *base, "--train_batch_size", str(args.batch),
+            "--resolution", "28", "--class_conditional", "--block_out_channels", *map(str, args.block_out_channels),
+            "--train_batch_size", str(args.batch),
             "--max_train_steps", str(args.steps), "--learning_rate", str(args.learning_rate),
             "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "50", "--use_ema", "--ema_max_decay",
             "0.999", "--checkpointing_steps", str(10 * args.steps), "--save_images_steps", str(10 * args.steps),

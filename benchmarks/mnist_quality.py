@@ -15,8 +15,8 @@ Rows, all from the same model and the same initial noise (seeded), scored agains
   with this many images;
 * ``--baseline NAME=FOLDER ...``: other pipelines, typically flow-matching models of the same budget (trained with
   ``--r_neq_t_fraction 0``: every row r = t, so only ``u(z, t, t)`` is learned), sampled with Euler at the
-  ``--euler-steps`` on the same noise and classes; rows ``NAME``. Their training steps and wall time are read from
-  their ``training_config.json`` when it is there.
+  ``--euler-steps`` on the same noise and classes; rows ``NAME``. Each pipeline's loss flags (its
+  ``training_config.json``) and step count (its model card) go into the JSON when they are there.
 
 Metrics: FD-MNISTCNN (Fréchet distance on the shipped MNIST classifier's features, all 10k test images as reference),
 class-accuracy for labelled rows (the fraction of samples that classifier assigns to the requested digit), and FID

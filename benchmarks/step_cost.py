@@ -79,7 +79,7 @@ def run_one(name: str, args) -> dict:
         sample_size=args.resolution, in_channels=1, block_out_channels=tuple(args.block_out_channels)
     )
     params = list(unet.parameters())
-    conditional = name.endswith(("_labels", "_cfg"))
+    conditional = name.endswith(("_labels", "_cfg")) or name.startswith("mnist_cond_")
     if conditional:
         unet, conditioner = add_class_conditioning(unet, 10)
         params = list(unet.parameters()) + list(conditioner.parameters())
@@ -88,34 +88,25 @@ def run_one(name: str, args) -> dict:
         model_fn = unet_model_fn(unet)
     optimizer = torch.optim.Adam(params, lr=1e-4)
     g = torch.Generator().manual_seed(0)
-    fraction = 0.0 if name == "flow_matching" else args.r_neq_t_fraction
+    fraction = 0.0 if name in ("flow_matching", "mnist_cond_flow_matching") else args.r_neq_t_fraction
     sampler = TimeSampler("logit_normal", -0.4, 1.0, r_neq_t_fraction=fraction)
 
-    if name.startswith("mnist_cond_"):
-        # the two MNIST runs of the flow-matching comparison (runs/fm-mnist-cond, runs/mmf-mnist-cond): labels with
-        # 10% dropout, guidance built in (w = 1, kappa = 0.5), finite differences, model tangent, rows not paired,
-        # lam = 1; flow matching is the same loss with every row r = t
-        unet, conditioner = add_class_conditioning(unet, 10)
-        params = list(unet.parameters()) + list(conditioner.parameters())
-        model_fn = unet_model_fn(unet, conditioner=conditioner)
-        optimizer = torch.optim.Adam(params, lr=1e-4)
-        fraction = 0.0 if name.endswith("flow_matching") else args.r_neq_t_fraction
-        sampler = TimeSampler("logit_normal", -0.4, 1.0, r_neq_t_fraction=fraction)
-        loss_fn = ModularMeanFlowLoss(sampler, derivative="finite_difference", tangent="model", guidance_w=1.0,
-                                      guidance_kappa=0.5)
+    if conditional:
+        if name.startswith("mnist_cond_"):
+            # the two MNIST runs of the flow-matching comparison (runs/fm-mnist-cond, runs/mmf-mnist-cond): guidance
+            # built in, finite differences, model tangent, rows not paired, lam = 1 (flow matching: every row r = t)
+            loss_fn = ModularMeanFlowLoss(sampler, derivative="finite_difference", tangent="model", guidance_w=1.0,
+                                          guidance_kappa=0.5)
+            lam = 1.0
+        else:
+            loss_fn = ModularMeanFlowLoss(sampler, guidance_w=1.0,
+                                          guidance_kappa=0.5 if name.endswith("_cfg") else 0.0)
+            lam = 0.0
 
         def step(x):
             labels = torch.randint(0, 10, (x.shape[0],), generator=g)
             labels = labels.masked_fill(torch.rand(x.shape[0], generator=g) < 0.1, 10)
-            return loss_fn(model_fn, x, 1.0, generator=g, class_labels=labels, null_label=10).loss
-
-    elif conditional:
-        loss_fn = ModularMeanFlowLoss(sampler, guidance_w=1.0, guidance_kappa=0.5 if name.endswith("_cfg") else 0.0)
-
-        def step(x):
-            labels = torch.randint(0, 10, (x.shape[0],), generator=g)
-            labels = labels.masked_fill(torch.rand(x.shape[0], generator=g) < 0.1, 10)
-            return loss_fn(model_fn, x, 0.0, generator=g, class_labels=labels, null_label=10).loss
+            return loss_fn(model_fn, x, lam, generator=g, class_labels=labels, null_label=10).loss
 
     elif name == "default":
         defaults = training_defaults()
