@@ -1088,7 +1088,7 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
         accelerator.log({f"train/{k}": record[k] for k in ("loss", "mse", "lam", "mean_abs_dudt", "grad_norm", "lr")},
                         step=global_step)
         progress.update(1)
-        progress.set_postfix(loss=f"{stats['loss']:.4f}", lam=f"{lam:.3f}")
+        progress.set_postfix(loss=f"{stats['loss']:.4f}", mse=f"{stats['mse']:.4f}", lam=f"{lam:.3f}")
 
         if global_step % args.checkpointing_steps == 0:
             save_checkpoint(global_step)
