@@ -56,7 +56,7 @@ def test_rows_are_scored_kept_and_rescored_for_new_weights(tmp_path, capsys):
 def test_bad_requests_are_refused(tmp_path):
     import mnist_fid
 
-    for argv in (["--pipeline", "nofolder"], ["--pipeline", f"x={tmp_path}"], ["--pipeline", "real=pipelines/mmf-mnist"],
+    for argv in (["--pipeline", "nofolder"], ["--pipeline", f"x={tmp_path}"], ["--pipeline", "real=x"],
                  ["--num-images", "0"], ["--num-images", "70000", "--metric", "fd-mnistcnn"]):
         with pytest.raises(SystemExit) as info:
             mnist_fid.main(argv)
