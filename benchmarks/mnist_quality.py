@@ -198,7 +198,12 @@ def plot(result: Dict, path: str) -> Optional[str]:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     curves = [("mmf", "o-", "MMF sampler u(z, r, t)"), ("euler", "s--", "Euler on the MMF model's u(z, t, t)")]
-    curves += [(name, "^-.", f"{name}: Euler ({folder})") for name, folder in result.get("baselines", {}).items()]
+    training = result.get("training") or {}
+
+    def described(name: str, folder: str) -> str:
+        steps = (training.get(name) or {}).get("steps")
+        return f"{name}: Euler ({steps} steps)" if steps else f"{name}: Euler ({folder})"
+    curves += [(name, "^-.", described(name, folder)) for name, folder in result.get("baselines", {}).items()]
     for sampler, style, label in curves:
         rows = [r for r in result["rows"] if r["sampler"] == sampler and "guidance_scale" not in r]
         ax.plot([r["nfe"] for r in rows], [r["fd-mnistcnn"] for r in rows], style, label=label)
@@ -208,7 +213,9 @@ def plot(result: Dict, path: str) -> Optional[str]:
     ax.set_yscale("log")
     ax.set_xlabel("network evaluations (NFE)")
     ax.set_ylabel("FD-MNISTCNN vs MNIST test (lower is better)")
-    ax.set_title(f"{os.path.basename(result['pipeline'].rstrip('/'))}: {result['num_images']} samples")
+    mine = (training.get("mmf") or {}).get("steps")
+    title = os.path.basename(result["pipeline"].rstrip("/")) + (f" at step {mine}" if mine else "")
+    ax.set_title(f"{title}: {result['num_images']} samples")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
