@@ -57,6 +57,11 @@ CONFIGS = {
     "jvp": (["--derivative", "jvp"], "exact du/dt (forward-mode AD) instead of the finite difference"),
     "wide UNet": (["--block_out_channels", "32", "64", "64"], "the shipped model's width (about 4x the cost)"),
 }
+# The shipped models are trained with guidance built in (MeanFlow's w = 1, kappa = 0.5: scale 2); do the verdicts
+# above hold there? The same rows with that guidance added.
+GUIDED = ["--cfg_w", "1.0", "--cfg_kappa", "0.5"]
+for _name in ("previous default", "lam 0", "adaptive p=1", "lam 0 + adaptive p=1"):
+    CONFIGS[f"guided: {_name}"] = (CONFIGS[_name][0] + GUIDED, CONFIGS[_name][1] + ", with guidance w = 1, kappa = 0.5")
 
 
 def train_command(out: str, seed: int, args, flags) -> list:
@@ -94,7 +99,8 @@ def cpu_seconds_per_step(out: str) -> float:
 
 
 def run_dir(workdir: str, name: str, seed: int) -> str:
-    return os.path.join(workdir, f"{name.replace(' ', '_').replace('!=', 'neq').replace('=', '')}-seed{seed}")
+    slug = name.replace(": ", "-").replace(" ", "_").replace("!=", "neq").replace("=", "")
+    return os.path.join(workdir, f"{slug}-seed{seed}")
 
 
 def run_one(name: str, seed: int, args, env) -> dict:
