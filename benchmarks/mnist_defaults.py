@@ -62,6 +62,10 @@ CONFIGS = {
 GUIDED = ["--cfg_w", "1.0", "--cfg_kappa", "0.5"]
 for _name in ("previous default", "lam 0", "adaptive p=1", "lam 0 + adaptive p=1"):
     CONFIGS[f"guided: {_name}"] = (CONFIGS[_name][0] + GUIDED, CONFIGS[_name][1] + ", with guidance w = 1, kappa = 0.5")
+# The old shipped run (runs/mmf-mnist-cond) trained unpaired: r = t rows on other images than the r != t rows
+for _name in ("previous default", "lam 0 + adaptive p=1"):
+    CONFIGS[f"guided, unpaired: {_name}"] = (CONFIGS[f"guided: {_name}"][0] + ["--pair_rows", "0"],
+                                             CONFIGS[f"guided: {_name}"][1] + ", r = t rows on their own images")
 
 
 def train_command(out: str, seed: int, args, flags) -> list:
