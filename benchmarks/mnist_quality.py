@@ -21,7 +21,8 @@ Rows, all from the same model and the same initial noise (seeded), scored agains
 Metrics: FD-MNISTCNN (Fréchet distance on the shipped MNIST classifier's features, all 10k test images as reference),
 class-accuracy for labelled rows (the fraction of samples that classifier assigns to the requested digit), and FID
 (InceptionV3, ``--fid-rows``; slow on CPU, ~0.25 s per image and core; reference = a fixed random subset of
-``--fid-reference-size`` test images). Writes JSON and a PNG plot; prints a table. See ``mmf_diffusers.evaluation`` for the metric definitions.
+``--fid-reference-size`` test images). Writes JSON and a PNG plot; prints a table. See ``mmf_diffusers.evaluation``
+for the metric definitions.
 """
 
 from __future__ import annotations

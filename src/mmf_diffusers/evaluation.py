@@ -404,6 +404,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def requested_labels(pipe, mode: Optional[str], num_images: int) -> Optional[List]:
+    """The ``class_labels`` a class-conditional pipeline is asked for under ``--class-labels mode``: ``"none"``: the
+    "no label" token for every image; ``"random"``: None (the pipeline draws each image's class); anything else
+    (``"cycle"``, the default): image ``i`` asks for class ``i mod K``."""
+    if mode == "none":
+        return ["none"] * num_images
+    if mode == "random":
+        return None
+    return cycled_labels(num_images, len(pipe.class_names))
+
+
 def generate(pipe, num_images: int, steps: int, seed: int, batch_size: int, device: str = "cpu",
              class_labels: Optional[Sequence[int]] = None, guidance_scale: Optional[float] = None):
     """``num_images`` samples ``(N, C, H, W)`` in ``[-1, 1]`` from ``steps`` network evaluations, seeded;
@@ -477,12 +488,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     labels, digits = None, None
     if pipe.is_class_conditional:
         names = pipe.class_names
-        if args.class_labels == "none":
-            labels = ["none"] * args.num_images
-        elif args.class_labels != "random":
-            labels = cycled_labels(args.num_images, len(names))
-            if all(name.isdigit() for name in names):
-                digits = [int(names[i]) for i in labels]
+        labels = requested_labels(pipe, args.class_labels, args.num_images)
+        if args.class_labels not in ("none", "random") and all(name.isdigit() for name in names):
+            digits = [int(names[i]) for i in labels]
     elif args.class_labels is not None or args.guidance_scale is not None:
         parser.exit(2, "mmf-evaluate: error: --class-labels / --guidance-scale need a class-conditional pipeline\n")
     if args.guidance_scale is not None and args.class_labels == "none":
