@@ -66,6 +66,9 @@ for _name in ("previous default", "lam 0", "adaptive p=1", "lam 0 + adaptive p=1
 for _name in ("previous default", "lam 0 + adaptive p=1"):
     CONFIGS[f"guided, unpaired: {_name}"] = (CONFIGS[f"guided: {_name}"][0] + ["--pair_rows", "0"],
                                              CONFIGS[f"guided: {_name}"][1] + ", r = t rows on their own images")
+# Does unpairing help without guidance too? (before the --pair_rows default follows the guided rows)
+CONFIGS["unpaired: lam 0 + adaptive p=1"] = (CONFIGS["lam 0 + adaptive p=1"][0] + ["--pair_rows", "0"],
+                                             CONFIGS["lam 0 + adaptive p=1"][1] + ", r = t rows on their own images")
 
 
 def train_command(out: str, seed: int, args, flags) -> list:
