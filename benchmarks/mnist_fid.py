@@ -15,8 +15,9 @@ Rows, all scored against the same reference statistics (MNIST test images: all 1
 FID costs about 0.12 s per image and CPU core (InceptionV3 at 299 px; measured here: 590 s for a 5k row, 1223 s for
 the 10k-image reference, which is cached once in ``--stats-cache``). The JSON is rewritten after every row, and a
 rerun with the same ``--json`` keeps the rows whose settings and weights (a hash of the UNet's file) are unchanged,
-so an interrupted run loses at most one row. ``--metric fd-mnistcnn`` scores the same rows with the cheap
-MNIST-classifier features instead (the tests use it).
+so an interrupted run loses at most one row, and it keeps the rows of pipelines it does not name (one file collects
+the rows of several runs). ``--metric fd-mnistcnn`` scores the same rows with the cheap MNIST-classifier features
+instead (the tests use it).
 """
 
 from __future__ import annotations
@@ -80,8 +81,14 @@ def run(args, pipelines: Dict[str, str]) -> Dict:
              for name, folder in pipelines.items() for n in args.steps]
     result = {"settings": head, "rows": [], "machine": {"cpu_count": os.cpu_count(),
                                                          "torch_threads": torch.get_num_threads()}}
+    # Rows of pipelines this run does not name stay in the file (after "real"), so that one JSON collects the rows
+    # of several runs; a NAME given again is scored again if its folder, weights or steps changed.
+    others = [r for r in previous if r.get("name") != "real" and r.get("name") not in pipelines]
     loaded: Dict[str, MMFPipeline] = {}
     for job in jobs:
+        if job["name"] != "real" and others:
+            result["rows"] += others
+            others = []
         done = next((r for r in previous if all(r.get(k) == v for k, v in job.items())), None)
         if done is not None:
             print(f"{job['name']} steps={job['steps']}: kept from {args.json}", flush=True)
@@ -102,6 +109,10 @@ def run(args, pipelines: Dict[str, str]) -> Dict:
         result["rows"].append(row)
         print(f"{job['name']} steps={job['steps']}: {args.metric} {value:.3f} ({row['scoring_seconds']:.0f} s)",
               flush=True)
+        if args.json:
+            write(result, args.json)
+    if others:  # no pipeline named this time: only "real" ran
+        result["rows"] += others
         if args.json:
             write(result, args.json)
     return result

@@ -61,3 +61,25 @@ def test_bad_requests_are_refused(tmp_path):
         with pytest.raises(SystemExit) as info:
             mnist_fid.main(argv)
         assert info.value.code == 2
+
+
+def test_a_run_naming_other_pipelines_keeps_the_earlier_rows(tmp_path, capsys):
+    import mnist_fid
+
+    _tiny_pipeline(tmp_path / "a", 0)
+    _tiny_pipeline(tmp_path / "b", 1)
+    out = tmp_path / "fid.json"
+    common = ["--num-images", "40", "--metric", "fd-mnistcnn", "--json", str(out)]
+    assert mnist_fid.main(["--pipeline", f"a={tmp_path / 'a'}"] + common) == 0
+    first = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
+    assert mnist_fid.main(["--pipeline", f"b={tmp_path / 'b'}"] + common) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["name"] for r in rows] == ["real", "a", "b"]
+    assert rows[1] == first["a"]
+    assert "| a | 1 |" in capsys.readouterr().out
+    assert mnist_fid.main(["--pipeline", f"a={tmp_path / 'b'}"] + common) == 0  # "a" again, other weights
+    again = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
+    assert [r["name"] for r in json.loads(out.read_text())["rows"]] == ["real", "b", "a"]
+    assert again["a"]["weights"] == again["b"]["weights"] and again["b"] == rows[2]
+    assert mnist_fid.main(["--num-images", "40", "--metric", "fd-mnistcnn", "--json", str(out)]) == 0
+    assert [r["name"] for r in json.loads(out.read_text())["rows"]] == ["real", "b", "a"]  # only "real" ran
