@@ -84,15 +84,19 @@ def run(args, pipelines: Dict[str, str]) -> Dict:
     # Rows of pipelines this run does not name stay in the file (after "real"), so that one JSON collects the rows
     # of several runs; a NAME given again is scored again if its folder, weights or steps changed.
     others = [r for r in previous if r.get("name") != "real" and r.get("name") not in pipelines]
+    scored: List[Dict] = []  # this run's rows, "real" (always the first job) first
+
+    def save() -> None:
+        result["rows"] = scored[:1] + others + scored[1:]
+        if args.json:
+            write(result, args.json)
+
     loaded: Dict[str, MMFPipeline] = {}
     for job in jobs:
-        if job["name"] != "real" and others:
-            result["rows"] += others
-            others = []
         done = next((r for r in previous if all(r.get(k) == v for k, v in job.items())), None)
         if done is not None:
             print(f"{job['name']} steps={job['steps']}: kept from {args.json}", flush=True)
-            result["rows"].append(done)
+            scored.append(done)
             continue
         start = time.time()
         if job["name"] == "real":
@@ -106,15 +110,11 @@ def run(args, pipelines: Dict[str, str]) -> Dict:
         value = evaluator.score(images)[args.metric]
         row = dict(job, value=value, sampling_seconds=round(sampled, 2),
                    scoring_seconds=round(time.time() - start - sampled, 2))
-        result["rows"].append(row)
+        scored.append(row)
         print(f"{job['name']} steps={job['steps']}: {args.metric} {value:.3f} ({row['scoring_seconds']:.0f} s)",
               flush=True)
-        if args.json:
-            write(result, args.json)
-    if others:  # no pipeline named this time: only "real" ran
-        result["rows"] += others
-        if args.json:
-            write(result, args.json)
+        save()
+    save()
     return result
 
 
