@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Flow-matching baseline, phase 2 (issue 12, point 4): the command of runs/mmf-mnist-cond (class-conditional,
+# Flow-matching baseline, phase 2: the command of runs/mmf-mnist-cond (class-conditional,
 # label dropout 0.1, guidance built in with w = 1, kappa = 0.5) with every row r = t (--r_neq_t_fraction 0: exactly
 # flow matching; the lam flags then do nothing), warm-started from the EMA UNet of phase 1 (runs/fm-mnist, step
 # 2000), as the MMF run is from runs/mmf-mnist. Same UNet, batch, optimiser, LR schedule, EMA and seed. Stops at

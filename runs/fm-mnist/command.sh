@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Flow-matching baseline, phase 1 (issue 12, point 4): the command of runs/mmf-mnist (unconditional, 2000 steps, the
+# Flow-matching baseline, phase 1: the command of runs/mmf-mnist (unconditional, 2000 steps, the
 # warm start of the shipped MMF model) with every row r = t (--r_neq_t_fraction 0: the MMF loss is then exactly flow
 # matching on u(z_t, t, t); no derivative is computed). Same UNet, batch, optimiser, LR schedule, EMA and seed.
 # Phase 2 is runs/fm-mnist-cond/command.sh. Run from the repository root with the venv active.

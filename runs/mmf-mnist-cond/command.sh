@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Class-conditional MNIST run behind pipelines/mmf-mnist (issue 6), warm-started from the EMA UNet of the
+# Class-conditional MNIST run behind pipelines/mmf-mnist, warm-started from the EMA UNet of the
 # unconditional run in runs/mmf-mnist (step 2000), label embedding drawn from N(0, 0.3^2) (a zero start learned the
 # labels too slowly: 12.7% class accuracy after 500 steps). Run from the repository root with the venv active; add
 # `--resume_from_checkpoint latest` to continue it. Steps 1-1500 used --derivative jvp (the default then); from step
-# 1500 on (session 3) finite differences, the same loss at about 0.55x the time per step, without --pair_rows (which
+# 1500 on finite differences, the same loss at about 0.55x the time per step, without --pair_rows (which
 # the run never used: pass it as 0 so the loss stays the one it was trained with).
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} python training/train_mmf.py --dataset_name mnist-offline --resolution 28 \
     --pretrained_unet runs/mmf-mnist --pretrained_unet_subfolder unet \

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Class-conditional MNIST with the defaults chosen in issue 12 (README "Defaults on MNIST": lam = 0 throughout,
+# Class-conditional MNIST with the defaults chosen on MNIST (docs/benchmarks.md, "Defaults on MNIST": lam = 0 throughout,
 # MeanFlow's adaptive weight p = 1, finite differences, model tangent, paired rows, 25% of rows r != t), from
 # scratch, with the shipped model's UNet (32, 64, 64), batch 64 and training-time guidance (w = 1, kappa = 0.5, scale
 # 2). The loss flags are spelled out so that a later change of the script's defaults does not change this run.

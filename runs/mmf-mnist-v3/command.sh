@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Class-conditional MNIST with the loss that won with guidance built in (README "Defaults on MNIST", guided rows at
+# Class-conditional MNIST with the loss that won with guidance built in (docs/benchmarks.md, "Defaults on MNIST", guided rows at
 # 4000 steps: lam = 0 throughout, MeanFlow's adaptive weight p = 1, finite differences, model tangent, 25% of rows
 # r != t, and UNPAIRED rows: the r = t rows on their own images, the tangent from an extra no-grad forward), from
 # scratch, with the shipped model's UNet (32, 64, 64), batch 64 and training-time guidance (w = 1, kappa = 0.5,
