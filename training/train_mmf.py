@@ -203,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Adaptive weight power: w = 1 / sg(err + c)^p (0: plain MSE). Default 1 (MeanFlow's; it won "
                    "on MNIST against plain MSE: README 'Defaults on MNIST').")
     g.add_argument("--adaptive_c", type=_finite_float, default=1e-3, help="The constant c of the adaptive weight.")
+    g.add_argument("--adaptive_reduction", choices=("mean", "sum"), default="mean",
+                   help="How the per-sample squared error err is reduced over a sample's D values, for the adaptive "
+                   "weight and the loss (w * err): 'mean' (default) = ||delta||^2 / D, so c acts as c * D on the sum; "
+                   "'sum' = ||delta||^2, MeanFlow's definition of w = 1 / (||delta||^2 + c)^p. See docs/defaults.md.")
 
     g = parser.add_argument_group("curriculum of lam (gradient modulation: 0 = MeanFlow stop-gradient, 1 = fully "
                                   "differentiable)")
@@ -818,7 +822,7 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
                                pair_rows=args.pair_rows)
     loss_fn = ModularMeanFlowLoss(time_sampler, derivative=args.derivative, fd_eps=args.fd_eps,
                                   adaptive_p=args.adaptive_p, adaptive_c=args.adaptive_c, tangent=args.tangent,
-                                  pair_rows=args.pair_rows,
+                                  pair_rows=args.pair_rows, adaptive_reduction=args.adaptive_reduction,
                                   guidance_w=args.cfg_w, guidance_kappa=args.cfg_kappa)
     # One generator, seeded alike on every rank, draws (t, r, noise) for the whole global batch.
     loss_generator = torch.Generator().manual_seed(args.seed + 1)
@@ -979,7 +983,8 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
             "steps": step,
             "curriculum": schedule.config(),
             "loss": {"derivative": args.derivative, "tangent": args.tangent, "time": repr(time_sampler),
-                     "adaptive_p": args.adaptive_p, "time_scale": args.time_scale, "second_time": args.second_time},
+                     "adaptive_p": args.adaptive_p, "adaptive_reduction": args.adaptive_reduction,
+                     "time_scale": args.time_scale, "second_time": args.second_time},
             "wall_time_s": wall_time, "sample_grid": "sample_grid.png",
             "modality": modality,
             "conditioning": None if inner_conditioner is None else {

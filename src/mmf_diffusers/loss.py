@@ -35,6 +35,7 @@ from .derivatives import DERIVATIVES, finite_difference_derivative, jvp_derivati
 ModelFn = Callable[..., torch.Tensor]
 
 TANGENTS = ("conditional", "model")
+ADAPTIVE_REDUCTIONS = ("mean", "sum")
 
 
 def sg_lambda(a: torch.Tensor, lam: float) -> torch.Tensor:
@@ -180,6 +181,14 @@ class ModularMeanFlowLoss:
             AD; error ``O(fd_eps)``).
         fd_eps: step of the finite difference, in units of ``t``.
         adaptive_p, adaptive_c: per-sample weight ``w = 1 / stopgrad(err + c) ** p``; ``p = 0`` is plain MSE.
+        adaptive_reduction: how ``err``, the per-sample squared error ``||delta||^2`` of ``delta = u + (t - r)
+            SG_lam[du/dt] - target``, is reduced over the ``D`` dimensions of a sample, for both the weight and the
+            loss (``per_sample = w * err``). ``"mean"`` (the default): ``err = ||delta||^2 / D``, so ``c`` acts like
+            ``c * D`` on the sum and the loss keeps the per-element scale. ``"sum"``: ``err = ||delta||^2``, MeanFlow's
+            definition (``w = 1 / (||delta||^2 + c)^p``, arXiv 2505.13447, with ``c = 1e-3``). With ``p = 1`` and
+            ``err >> c`` the two give the same gradient; they differ by where ``c`` sits (``D``-fold), and for
+            ``p != 1`` by a constant factor ``D^(1 - p)`` on the loss. ``stats["mse"]`` is the per-element mean either
+            way.
         pair_rows: with ``tangent="model"``: the model tangent of row ``2j`` (``r != t``) is read off the prediction
             of row ``2j + 1`` (``r = t``), which takes row ``2j``'s ``(x, e, t)`` (its own image is not used),
             instead of an extra no-grad forward. Times must have that layout (``TimeSampler(pair_rows=True)``).
@@ -211,6 +220,7 @@ class ModularMeanFlowLoss:
         guidance_w: float = 1.0,
         guidance_kappa: float = 0.0,
         pair_rows: bool = False,
+        adaptive_reduction: str = "mean",
     ):
         if derivative not in DERIVATIVES:
             raise ValueError(f"Unknown derivative estimator {derivative!r}; choose one of {DERIVATIVES}")
@@ -222,6 +232,8 @@ class ModularMeanFlowLoss:
             raise ValueError(f"adaptive_p must be >= 0, got {adaptive_p!r}")
         if not (isinstance(adaptive_c, numbers.Real) and adaptive_c > 0):
             raise ValueError(f"adaptive_c must be positive, got {adaptive_c!r}")
+        if adaptive_reduction not in ADAPTIVE_REDUCTIONS:
+            raise ValueError(f"Unknown adaptive_reduction {adaptive_reduction!r}; choose one of {ADAPTIVE_REDUCTIONS}")
         if isinstance(guidance_w, bool) or not isinstance(guidance_w, numbers.Real) or not (
             math.isfinite(guidance_w) and guidance_w > 0
         ):
@@ -237,6 +249,7 @@ class ModularMeanFlowLoss:
         self.fd_eps = float(fd_eps)
         self.adaptive_p = float(adaptive_p)
         self.adaptive_c = float(adaptive_c)
+        self.adaptive_reduction = adaptive_reduction
         self.tangent = tangent
         if not isinstance(pair_rows, bool):
             raise ValueError(f"pair_rows must be True or False, got {pair_rows!r}")
@@ -344,12 +357,13 @@ class ModularMeanFlowLoss:
             target = self._target(v, u_inst, u_none, class_labels, null_label, None)
 
         # 5. the per-sample error and weight
-        err = (u + (t_b - r_b) * sg_lambda(dudt, lam) - target).pow(2).flatten(1).mean(1)
+        sq = (u + (t_b - r_b) * sg_lambda(dudt, lam) - target).pow(2).flatten(1)
+        err = sq.sum(1) if self.adaptive_reduction == "sum" else sq.mean(1)
         weight = 1.0 / (err.detach() + self.adaptive_c).pow(self.adaptive_p) if self.adaptive_p > 0 else \
             torch.ones_like(err)
         per_sample = weight * err
         with torch.no_grad():
-            stats = {"mse": err.mean().item(), "mean_abs_dudt": dudt[d].abs().mean().item() if d.numel() else 0.0,
+            stats = {"mse": sq.mean().item(), "mean_abs_dudt": dudt[d].abs().mean().item() if d.numel() else 0.0,
                      "frac_r_neq_t": d.numel() / x.shape[0], "lam": lam, "mean_weight": weight.mean().item()}
         return MMFLossOutput(loss=per_sample.mean(), per_sample=per_sample, stats=stats)
 
@@ -425,5 +439,6 @@ class ModularMeanFlowLoss:
     def __repr__(self) -> str:
         return (f"ModularMeanFlowLoss(time_sampler={self.time_sampler!r}, derivative={self.derivative!r}, "
                 f"fd_eps={self.fd_eps}, adaptive_p={self.adaptive_p}, adaptive_c={self.adaptive_c}, "
+                f"adaptive_reduction={self.adaptive_reduction!r}, "
                 f"tangent={self.tangent!r}, guidance_w={self.guidance_w}, guidance_kappa={self.guidance_kappa}, "
                 f"pair_rows={self.pair_rows})")
