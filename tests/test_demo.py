@@ -254,11 +254,14 @@ def test_push_with_demo_writes_the_space_and_links_it_from_the_card(tmp_path, ca
         monkeypatch.delenv(name, raising=False)
     token = "hf_demo_test_token"
     folder = unconditional_folder(tmp_path / "tiny")
+    token_file = tmp_path / "token"
+    token_file.write_text(token + "\n")
     with pytest.raises(SystemExit) as exit_:
-        push_main([folder, "tiny", "--token", token, "--with-demo"])
+        push_main([folder, "tiny", "--token-file", str(token_file), "--with-demo"])
     assert exit_.value.code == 2 and "--with-demo needs REPO_ID as user/name" in capsys.readouterr().err
     with HubServer({token: "tester"}) as hub:
-        assert push_main([folder, "tester/tiny", "--token", token, "--endpoint", hub.url, "--with-demo"]) == 0
+        assert push_main([folder, "tester/tiny", "--token-file", str(token_file), "--endpoint", hub.url,
+                          "--with-demo"]) == 0
         card = hub.files("tester/tiny")["README.md"].decode()
         assert not hub.unknown_requests
     assert "## Demo" in card and "https://huggingface.co/spaces/tester/tiny-demo" in card

@@ -383,7 +383,8 @@ def test_a_dead_hub_endpoint_is_an_error_within_the_time_limit(dead_endpoint, pi
     start = time.time()
     with pytest.raises(ValueError, match="Could not reach the Hub.*no answer within 1 s"):
         hub.check_hub_auth(TOKEN, endpoint=dead_endpoint, validate=True)
-    assert exit_code(hub.main, [str(pipeline_dir), f"{USER}/x", "--endpoint", dead_endpoint, "--token", TOKEN]) == 1
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    assert exit_code(hub.main, [str(pipeline_dir), f"{USER}/x", "--endpoint", dead_endpoint]) == 1
     err = capsys.readouterr().err
     assert "Could not reach the Hub" in err and "MMF_HUB_TIMEOUT" in err and TOKEN not in err
     assert time.time() - start < 20
@@ -420,7 +421,7 @@ def test_command_line_mistakes_are_one_line_errors(pipeline_dir, tmp_path, monke
     listed.mkdir()
     (listed / "model_index.json").write_text("[1, 2]")
     cases += [(generate.main, ["--pipeline", str(listed)], "must hold a JSON object, not a list"),
-              (hub.main, [str(listed), f"{USER}/x", "--token", TOKEN], "must hold a JSON object, not a list")]
+              (hub.main, [str(listed), f"{USER}/x"], "must hold a JSON object, not a list")]
     broken = tmp_path / "broken"
     tiny_pipeline().save_pretrained(str(broken))
     weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
@@ -432,12 +433,13 @@ def test_command_line_mistakes_are_one_line_errors(pipeline_dir, tmp_path, monke
         assert message in err and "Traceback" not in err and err.count("\n") <= 3, (argv, err)
 
 
-def test_a_bad_token_on_push_is_a_clear_error(pipeline_dir, capsys):
+def test_a_bad_token_on_push_is_a_clear_error(pipeline_dir, tmp_path, capsys):
     from mmf_diffusers import hub
 
+    (tmp_path / "token").write_text("hf_wrong\n")
     with HubServer({TOKEN: USER}) as server:
-        assert exit_code(hub.main, [str(pipeline_dir), f"{USER}/x", "--endpoint", server.url, "--token",
-                                    "hf_wrong"]) == 1
+        assert exit_code(hub.main, [str(pipeline_dir), f"{USER}/x", "--endpoint", server.url, "--token-file",
+                                    str(tmp_path / "token")]) == 1
     assert "rejected the token" in capsys.readouterr().err
 
 

@@ -647,7 +647,10 @@ def pushed_trajectories(hub, tmp_path_factory):
     with captured_everything() as texts:
         push_pipeline_folder(folder, TRAJECTORY_REPOS["push_pipeline_folder"], token=TOKEN, endpoint=hub.url,
                              card_info={"steps": 3, "sample_grid": "sample_grid.png"})
-        assert main([cli_folder, TRAJECTORY_REPOS["mmf-push"], "--token", TOKEN, "--endpoint", hub.url]) == 0
+        token_file = os.path.join(work, "token")
+        with open(token_file, "w") as f:
+            f.write(TOKEN + "\n")
+        assert main([cli_folder, TRAJECTORY_REPOS["mmf-push"], "--token-file", token_file, "--endpoint", hub.url]) == 0
     repos = dict(TRAJECTORY_REPOS)
     with_package = run_script(
         TRAJECTORY_SAMPLES
@@ -1017,7 +1020,9 @@ def test_cli_errors(no_login, tmp_path, capsys, reference):
 def test_cli_push(no_login, monkeypatch, tmp_path, capsys, hub, reference):
     folder = str(tmp_path / "pipeline")
     reference["pipe"].save_pretrained(folder)
-    assert main([folder, f"{USER}/cli-private", "--private", "--token", TOKEN, "--endpoint", hub.url]) == 0
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    assert main([folder, f"{USER}/cli-private", "--private", "--token-file", str(tmp_path / "token"), "--endpoint",
+                 hub.url]) == 0
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     assert main([folder, f"{USER}/cli-public", "--endpoint", hub.url]) == 0
     out, err = capsys.readouterr()

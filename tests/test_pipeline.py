@@ -320,7 +320,7 @@ def test_bad_num_inference_steps(num_inference_steps):
         make_pipeline()(num_inference_steps=num_inference_steps)
 
 
-@pytest.mark.parametrize("output_type", ["latent", "PIL", None])
+@pytest.mark.parametrize("output_type", ["latents", "PIL", None])
 def test_unknown_output_type(output_type):
     with pytest.raises(ValueError, match="output_type"):
         make_pipeline()(output_type=output_type)

@@ -53,7 +53,16 @@ def test_defaults():
     assert len(scheduler) == 1000
     assert "FlowMapEulerDiscreteScheduler" in MMFScheduler._compatibles
     assert FlowMapEulerDiscreteScheduler in scheduler.compatibles
-    assert scheduler.sigmas is None and scheduler.timesteps is None
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_new_scheduler_has_flow_maps_default_grid(shift):
+    """diffusers' convention: a scheduler has a grid from construction (FlowMap's is the 1000-step training grid)."""
+    mmf, flow_map = MMFScheduler(shift=shift), FlowMapEulerDiscreteScheduler(shift=shift)
+    assert mmf.num_inference_steps == flow_map.num_inference_steps == 1000
+    assert mmf.timesteps.shape == (1000,) and mmf.sigmas.shape == (1001,)
+    torch.testing.assert_close(mmf.sigmas.double(), flow_map.sigmas, atol=1e-7, rtol=0)
+    torch.testing.assert_close(mmf.timesteps.double(), flow_map.timesteps, atol=1e-4, rtol=0)
 
 
 def test_save_and_load_round_trip(tmp_path):
@@ -459,10 +468,13 @@ def test_bad_shift(shift):
         MMFScheduler(shift=shift)
 
 
-def test_step_before_set_timesteps():
+def test_step_before_set_timesteps_uses_the_default_grid_as_flow_map():
     sample, model_output = random_pair()
-    with pytest.raises(ValueError, match="set_timesteps"):
-        MMFScheduler().step(model_output, 1000.0, sample)
+    mmf, flow_map = MMFScheduler(), FlowMapEulerDiscreteScheduler()
+    expected = flow_map.step(model_output.double(), torch.tensor(1000.0), sample.double()).prev_sample
+    got = mmf.step(model_output, 1000.0, sample).prev_sample  # one step of 1/1000 towards the data
+    torch.testing.assert_close(got.double(), expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got, sample - model_output / 1000, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize(

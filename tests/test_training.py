@@ -109,8 +109,8 @@ def test_accelerate_launch_end_to_end(tmp_path):
     token = "hf_secretTestToken123"
     result = run_script(tmp_path, ["--train_data_dir", data, "--output_dir", out, *TINY, "--train_batch_size", "4",
                                    "--max_train_steps", "4", "--checkpointing_steps", "2", "--checkpoints_total_limit",
-                                   "1", "--use_ema", "--random_flip", "--hub_token", token, "--dataloader_num_workers", "1"],
-                        launcher=accelerate_launch(1, 0))
+                                   "1", "--use_ema", "--random_flip", "--dataloader_num_workers", "1"],
+                        launcher=accelerate_launch(1, 0), env=script_env(tmp_path, HF_TOKEN=token))
     check(result)
     assert "Skipping 1 unreadable image" in result.stdout + result.stderr
 
@@ -137,7 +137,7 @@ def test_accelerate_launch_end_to_end(tmp_path):
         if path.is_file():
             assert token.encode() not in path.read_bytes(), path
     config = json.loads((out / "training_config.json").read_text())
-    assert config["hub_token"] == "***" and config["num_channels"] == 3 and config["num_training_images"] == 24
+    assert config["hub_token"] is None and config["num_channels"] == 3 and config["num_training_images"] == 24
 
     pipe = MMFPipeline.from_pretrained(str(out))
     assert pipe.config.time_scale == config["time_scale"]

@@ -22,6 +22,16 @@ size, and the saved `MMFPipeline` carries the VAE as its ``vae`` component, so s
   change encodes again into a new file (old files are left in place; delete the folder to reclaim the space).
   Finding the key costs one pass of image preparation (no VAE call); the file is written to a temporary name and
   renamed, so a killed run never leaves a partial cache.
+* **A cache file is verified before use** (`read_cache`): it must be a readable safetensors file of this format whose
+  metadata names this key and image count, holding exactly the expected tensors, float32, ``(N, c, h, w)`` for this
+  VAE and resolution, finite, with the SHA-256 of their bytes that the metadata records; and the first images,
+  encoded again now, must give its first latents (so another VAE's latents under this name are caught, whatever the
+  metadata says). A file that fails any check is never used: the images are encoded again and the file replaced, and
+  the log says why in one line. Encoded latents that are not finite are refused, not cached.
+* **The VAE is part of the run**: `vae_identity` (class, public config, SHA-256 of config and weights) is saved in the
+  checkpoint's configuration, and a resume with another VAE is refused (``run_state.resume_conflicts``). A VAE whose
+  ``scaling_factor`` is zero or not finite, or whose ``shift_factor`` is not finite, is refused at start
+  (`check_scaling`): its latents, or their decoding, would be NaN.
 * **Flips are encoded, not applied to latents**: a VAE's encoder is not equivariant to a left-right flip (for the
   demonstration VAE and a random one ``E(flip(x)) != flip(E(x))``: tests/test_latent.py measures it), so with
   ``--random_flip`` both orientations are encoded and cached, and `LatentDataset` picks one per ``(seed, epoch,
@@ -35,16 +45,23 @@ This module imports numpy only at import time (train_mmf.py checks its arguments
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
+import math
 import os
 import time
 from typing import Callable, Optional
 
 import numpy as np
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: the metadata records the latents' shape and SHA-256 (verified on reuse)
 ENCODE_BATCH = 64
+#: How many of the first images are encoded again to check a cache file's latents against the VAE.
+SPOT_CHECK_IMAGES = 4
+#: Largest relative L2 difference between cached and freshly encoded latents: encodings differ by float rounding
+#: across batch sizes and devices (~1e-6 on CPU, ~1e-3 with TF32), another VAE's latents by order 1.
+SPOT_CHECK_TOLERANCE = 1e-2
 
 
 class LatentError(ValueError):
@@ -115,6 +132,34 @@ def _first_line(error: Exception) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def check_scaling(vae) -> None:
+    """A LatentError unless the VAE config's ``scaling_factor`` is a finite non-zero number and its ``shift_factor``
+    (if any) a finite number: latents are ``(E(x) - shift) * scale`` and decode as ``D(x / scale + shift)``, so a zero
+    or non-finite factor makes every latent or every image NaN (or constant)."""
+    config = dict(vae.config)
+
+    def finite(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    scale = config.get("scaling_factor")
+    if not finite(scale) or scale == 0:
+        raise LatentError(f"The VAE's scaling_factor is {scale!r}: it must be a finite non-zero number (latents are "
+                          "(E(x) - shift_factor) * scaling_factor and decode as D(x / scaling_factor + shift_factor)); "
+                          "set it in the VAE's config.json")
+    shift = config.get("shift_factor")
+    if shift is not None and not finite(shift):
+        raise LatentError(f"The VAE's shift_factor is {shift!r}: it must be a finite number (or null) in the VAE's "
+                          "config.json")
+
+
+def vae_identity(vae, fingerprint: Optional[str] = None) -> dict:
+    """What identifies the VAE of a run (saved in its configuration, compared on resume): ``{"class", "config" (the
+    public config, JSON round-tripped), "sha256" (`vae_fingerprint`: class, config and weights)}``."""
+    config = {k: v for k, v in dict(vae.config).items() if not k.startswith("_")}
+    return {"class": type(vae).__name__, "config": json.loads(json.dumps(config, sort_keys=True, default=str)),
+            "sha256": fingerprint or vae_fingerprint(vae)}
+
+
 def vae_fingerprint(vae) -> str:
     """SHA-256 of the VAE's class, public config (scaling and shift included) and every weight, in a fixed order."""
     import torch
@@ -145,7 +190,9 @@ class LatentSpace:
             check_vae(vae)
         except ValueError as error:
             raise LatentError(str(error)) from None
+        check_scaling(vae)
         self.vae = vae
+        self._identity = None
         self.factor = vae_scale_factor(vae)
         self.channels = vae_latent_channels(vae)
         if vae.config.in_channels != num_channels:
@@ -170,12 +217,20 @@ class LatentSpace:
         if in_channels is not None and in_channels != self.channels:
             raise LatentError(f"The UNet takes {in_channels} channels but the VAE's latents have {self.channels}")
 
+    @property
+    def identity(self) -> dict:
+        """`vae_identity` of the VAE, computed once (hashing the weights takes a pass over them)."""
+        if self._identity is None:
+            self._identity = vae_identity(self.vae)
+        return self._identity
+
     def encode_dataset(self, image_dataset, cache_dir: str, log: Callable[[str], None] = print) -> "LatentDataset":
         """Encode ``image_dataset`` (a centre-cropped `data.ImageDataset`) once, or reuse the cache; returns (and
         keeps as ``self.dataset``) the `LatentDataset` that replaces it."""
         if not image_dataset.center_crop:
             raise LatentError("latent caching needs centre crops (--center_crop)")
-        latents, flipped = cached_latents(self.vae, image_dataset, cache_dir, log)
+        latents, flipped = cached_latents(self.vae, image_dataset, cache_dir, log,
+                                          fingerprint=self.identity["sha256"])
         labels = None
         if image_dataset.with_labels:
             labels = np.asarray([int(image_dataset.source.labels[i]) for i in image_dataset.indices], dtype=np.int64)
@@ -199,10 +254,11 @@ def _preprocess(image, image_dataset) -> np.ndarray:
     return preprocess(image, image_dataset.resolution, image_dataset.num_channels, center_crop=True, random_flip=False)
 
 
-def cache_key(vae, image_dataset, chunk: int = 1024) -> str:
-    """The SHA-256 naming the cache file (see the module docstring): VAE, prepared pixels, sizes, flips, format."""
+def cache_key(vae, image_dataset, chunk: int = 1024, fingerprint: Optional[str] = None) -> str:
+    """The SHA-256 naming the cache file (see the module docstring): VAE, prepared pixels, sizes, flips, format.
+    ``fingerprint``: `vae_fingerprint` of ``vae`` when already computed."""
     digest = hashlib.sha256(f"mmf-latent-cache:{CACHE_FORMAT}:posterior-mean".encode())
-    digest.update(vae_fingerprint(vae).encode())
+    digest.update((fingerprint or vae_fingerprint(vae)).encode())
     digest.update(json.dumps({"resolution": image_dataset.resolution, "num_channels": image_dataset.num_channels,
                               "center_crop": True, "random_flip": bool(image_dataset.random_flip),
                               "num_images": len(image_dataset)}, sort_keys=True).encode())
@@ -211,22 +267,127 @@ def cache_key(vae, image_dataset, chunk: int = 1024) -> str:
     return digest.hexdigest()
 
 
-def cached_latents(vae, image_dataset, cache_dir: str, log: Callable[[str], None] = print):
-    """``(latents, latents_flipped or None)``, float32 numpy ``(N, c, h, w)``, from ``cache_dir`` when present (same
-    key), else encoded now (both orientations with ``random_flip``) and written there."""
-    import torch
-    from safetensors.numpy import load_file, save_file
+class CacheProblem(ValueError):
+    """Why a latent-cache file cannot be used (one line); the caller encodes the images again."""
 
+
+def _encode(vae, pixels) -> np.ndarray:
+    """Scaled latents of ``pixels`` (a float tensor ``(n, C, R, R)`` in [-1, 1]) as float32 numpy ``(n, c, h, w)``."""
     from mmf_diffusers.pipeline_mmf import encode_images
 
-    key = cache_key(vae, image_dataset)
+    return encode_images(vae, pixels).float().cpu().numpy()
+
+
+def _tensors_digest(tensors: dict) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(f"{name}:{tensors[name].dtype}:{tensors[name].shape}".encode())
+        digest.update(np.ascontiguousarray(tensors[name]).tobytes())
+    return digest.hexdigest()
+
+
+def expected_latent_shape(vae, image_dataset) -> tuple:
+    """``(N, c, h, w)``: the shape of the cached latents of ``image_dataset`` for ``vae``."""
+    from mmf_diffusers.pipeline_mmf import vae_latent_channels, vae_scale_factor
+
+    size = image_dataset.resolution // vae_scale_factor(vae)
+    return (len(image_dataset), vae_latent_channels(vae), size, size)
+
+
+def read_cache(path: str, key: str, shape: tuple, with_flip: bool, spot_check: Optional[Callable] = None):
+    """``(latents, latents_flipped or None)`` from the cache file ``path`` once it is verified against what it must
+    hold: this format, ``key`` and image count in its metadata, exactly ``latents`` (and ``latents_flipped`` when
+    ``with_flip``), float32, ``shape``, finite, the SHA-256 its metadata records, and (``spot_check(latents,
+    flipped)`` returning a problem or None) the VAE's own encoding of the first images. Raises `CacheProblem` with the
+    first thing that does not hold."""
+    from safetensors import safe_open
+
+    if os.path.islink(path) or not os.path.isfile(path):
+        raise CacheProblem("it is not a regular file")
+    if os.path.getsize(path) == 0:
+        raise CacheProblem("it is empty")
+    try:
+        with safe_open(path, framework="np") as f:
+            metadata = dict(f.metadata() or {})
+            names = sorted(f.keys())
+            expected_names = ["latents"] + (["latents_flipped"] if with_flip else [])
+            if names != expected_names:
+                raise CacheProblem(f"it holds the tensors {names}, expected {expected_names}")
+            claims = {name: metadata.get(name) for name in ("format", "key", "num_images")}
+            if claims["format"] != str(CACHE_FORMAT):
+                raise CacheProblem(f"it is of cache format {claims['format']!r}, not {CACHE_FORMAT}")
+            if claims["key"] != key:
+                raise CacheProblem(f"its metadata names the key {str(claims['key'])[:16]!r}..., not this VAE and "
+                                   f"data's {key[:16]!r}...")
+            if claims["num_images"] != str(shape[0]):
+                raise CacheProblem(f"its metadata claims {claims['num_images']} images, the data has {shape[0]}")
+            tensors = {}
+            for name in names:
+                info = f.get_slice(name)
+                dtype, found = info.get_dtype(), tuple(info.get_shape())
+                if dtype != "F32":
+                    raise CacheProblem(f"{name!r} is {dtype}, not float32 (F32)")
+                if found != tuple(shape):
+                    raise CacheProblem(f"{name!r} has shape {found}, expected {tuple(shape)} (images, latent "
+                                       "channels, latent size)")
+                tensors[name] = f.get_tensor(name)
+    except CacheProblem:
+        raise
+    except Exception as error:  # noqa: BLE001 - safetensors raises SafetensorError, OSError, ValueError, ...
+        raise CacheProblem(f"it is not a readable safetensors file ({_first_line(error)})") from None
+    for name, array in tensors.items():
+        if not np.isfinite(array).all():
+            raise CacheProblem(f"{name!r} holds non-finite values")
+    if metadata.get("sha256") != _tensors_digest(tensors):
+        raise CacheProblem("its tensors do not match the SHA-256 in its metadata (damaged or edited)")
+    latents, flipped = tensors["latents"], tensors.get("latents_flipped")
+    problem = spot_check(latents, flipped) if spot_check is not None else None
+    if problem:
+        raise CacheProblem(problem)
+    return latents, flipped
+
+
+def _spot_check(vae, image_dataset, with_flip: bool) -> Callable:
+    """A ``spot_check`` for `read_cache`: the first `SPOT_CHECK_IMAGES` images (and their flips), encoded now, must
+    match the cached latents to `SPOT_CHECK_TOLERANCE` (relative L2)."""
+    import torch
+
+    def check(latents, flipped) -> Optional[str]:
+        k = min(SPOT_CHECK_IMAGES, len(image_dataset))
+        pixels = torch.from_numpy(_unflipped_images(image_dataset, 0, k))
+        pairs = [("latents", latents, pixels)] + ([("latents_flipped", flipped, pixels.flip(-1))] if with_flip else [])
+        for name, cached, images in pairs:
+            fresh = _encode(vae, images)
+            error = float(np.linalg.norm(cached[:k] - fresh) / max(np.linalg.norm(fresh), 1e-12))
+            if not error <= SPOT_CHECK_TOLERANCE:
+                return (f"its {name!r} are not what this VAE encodes for the first {k} images (relative difference "
+                        f"{error:.3g}): another VAE's or other images' latents")
+        return None
+
+    return check
+
+
+def cached_latents(vae, image_dataset, cache_dir: str, log: Callable[[str], None] = print,
+                   fingerprint: Optional[str] = None):
+    """``(latents, latents_flipped or None)``, float32 numpy ``(N, c, h, w)``, from ``cache_dir`` when a verified file
+    of the same key is there (`read_cache`), else encoded now (both orientations with ``random_flip``) and written
+    there, replacing a file that failed verification. ``fingerprint``: `vae_fingerprint` of ``vae`` if known."""
+    import torch
+    from safetensors.numpy import save_file
+
+    key = cache_key(vae, image_dataset, fingerprint=fingerprint)
     path = os.path.join(cache_dir, f"{key[:32]}.safetensors")
     with_flip = bool(image_dataset.random_flip)
-    if os.path.isfile(path):
-        tensors = load_file(path)
-        log(f"Latent cache: reusing {path} ({tensors['latents'].shape[0]} images"
-            f"{', both orientations' if with_flip else ''})")
-        return tensors["latents"], tensors.get("latents_flipped")
+    shape = expected_latent_shape(vae, image_dataset)
+    if os.path.lexists(path):
+        try:
+            latents, flipped = read_cache(path, key, shape, with_flip, _spot_check(vae, image_dataset, with_flip))
+        except CacheProblem as problem:
+            log(f"Latent cache: not using {path}: {problem}; encoding the images again")
+        else:
+            log(f"Latent cache: reusing {path} ({shape[0]} images{', both orientations' if with_flip else ''}, "
+                "verified)")
+            return latents, flipped
     n = len(image_dataset)
     start_time = time.time()
     log(f"Latent cache: encoding {n} images{' in both orientations' if with_flip else ''} with the "
@@ -234,18 +395,30 @@ def cached_latents(vae, image_dataset, cache_dir: str, log: Callable[[str], None
     outputs = {"latents": [], "latents_flipped": []}
     for start in range(0, n, ENCODE_BATCH):
         pixels = torch.from_numpy(_unflipped_images(image_dataset, start, min(start + ENCODE_BATCH, n)))
-        outputs["latents"].append(encode_images(vae, pixels).float().cpu().numpy())
+        outputs["latents"].append(_encode(vae, pixels))
         if with_flip:  # flip the pixels, then encode: E(flip(x)) is not flip(E(x)) for a VAE
-            outputs["latents_flipped"].append(encode_images(vae, pixels.flip(-1)).float().cpu().numpy())
+            outputs["latents_flipped"].append(_encode(vae, pixels.flip(-1)))
     tensors = {name: np.ascontiguousarray(np.concatenate(parts)) for name, parts in outputs.items() if parts}
-    os.makedirs(cache_dir, exist_ok=True)
+    for name, array in tensors.items():
+        bad = np.flatnonzero(~np.isfinite(array).reshape(len(array), -1).all(axis=1))
+        if len(bad):
+            raise LatentError(f"The VAE encodes {len(bad)} of the {n} images to non-finite latents ({name}, first "
+                              f"image {int(bad[0])}): check the VAE's weights and scaling_factor")
     metadata = {"key": key, "format": str(CACHE_FORMAT), "vae_class": type(vae).__name__, "encoding": "posterior mean",
                 "num_images": str(n), "resolution": str(image_dataset.resolution),
                 "random_flip": str(with_flip), "scaling_factor": str(vae.config.scaling_factor),
-                "shift_factor": str(getattr(vae.config, "shift_factor", None))}
+                "shift_factor": str(getattr(vae.config, "shift_factor", None)),
+                "shape": json.dumps(list(shape)), "sha256": _tensors_digest(tensors)}
     temporary = f"{path}.tmp-{os.getpid()}"
-    save_file(tensors, temporary, metadata=metadata)
-    os.replace(temporary, path)
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        save_file(tensors, temporary, metadata=metadata)
+        os.replace(temporary, path)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+        raise LatentError(f"Cannot write the latent cache {path}: {error.strerror or error} (set --latent_cache_dir "
+                          "to a writable folder)") from None
     log(f"Latent cache: {n * (2 if with_flip else 1)} encodings in {time.time() - start_time:.1f} s")
     return tensors["latents"], tensors.get("latents_flipped")
 

@@ -187,7 +187,7 @@ FROZEN_ON_RESUME = (
 
 def resume_conflicts(saved: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
     """``--flag saved -> current`` for every `FROZEN_ON_RESUME` flag that the two configurations both record and
-    that differs (lists and tuples compare alike)."""
+    that differs (lists and tuples compare alike), and the VAE's change if any (`vae_conflicts`)."""
     def norm(value):
         return list(value) if isinstance(value, tuple) else value
 
@@ -195,4 +195,35 @@ def resume_conflicts(saved: Dict[str, Any], current: Dict[str, Any]) -> List[str
     for name in FROZEN_ON_RESUME:
         if name in saved and name in current and norm(saved[name]) != norm(current[name]):
             problems.append(f"--{name} {saved[name]} -> {current[name]}")
-    return problems
+    return problems + vae_conflicts(saved, current.get("vae"))
+
+
+def vae_conflicts(saved: Dict[str, Any], vae: Optional[Dict[str, Any]]) -> List[str]:
+    """How the VAE of the run changed between the saved configuration and ``vae`` (the current run's
+    ``latents.vae_identity``, or None on pixels): a latent space is fixed by the checkpoint like the model's size.
+
+    The saved ``"vae"`` entry is compared (class, then config, then the SHA-256 of config and weights); a checkpoint
+    of latent training that does not record it (an older version) is refused too, as its VAE cannot be checked. A
+    VAE moved to another folder is the same VAE."""
+    recorded = saved.get("vae")
+    if recorded is None and "vae" not in saved and saved.get("vae_name_or_path"):
+        return [f"the checkpoint trained on the latents of --vae_name_or_path {saved['vae_name_or_path']} but does not "
+                "record which VAE that was (an older version wrote it), so this VAE cannot be checked against it"]
+    if recorded is None or vae is None:
+        if (recorded is None) != (vae is None):
+            return ["the latent space: " + ("pixels -> the latents of a VAE" if vae else "the latents of a "
+                                            f"{recorded.get('class')} -> pixels (no --vae_name_or_path)")]
+        return []
+    if not isinstance(recorded, dict):
+        return [f"the checkpoint's VAE record is malformed ({type(recorded).__name__})"]
+    if recorded.get("class") != vae.get("class"):
+        return [f"the VAE: a {recorded.get('class')} -> a {vae.get('class')}"]
+    old_config, new_config = recorded.get("config") or {}, vae.get("config") or {}
+    changed = sorted(k for k in set(old_config) | set(new_config) if old_config.get(k) != new_config.get(k))
+    if changed:
+        return ["the VAE's config: " + ", ".join(f"{k} {old_config.get(k)} -> {new_config.get(k)}"
+                                                  for k in changed[:4]) + (" ..." if len(changed) > 4 else "")]
+    if recorded.get("sha256") != vae.get("sha256"):
+        return [f"the VAE's weights (SHA-256 {str(recorded.get('sha256'))[:12]}... -> "
+                f"{str(vae.get('sha256'))[:12]}...): another VAE with the same config"]
+    return []

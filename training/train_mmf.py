@@ -74,6 +74,7 @@ import run_lock  # noqa: E402  (fcntl only)
 import run_state  # noqa: E402  (imports torch/safetensors only inside its functions)
 import trajectory_modality  # noqa: E402  (--modality trajectory; argparse only at import)
 import latents as latent_lib  # noqa: E402  (--vae_name_or_path; numpy only at import)
+from mmf_diffusers import hub_token  # noqa: E402  (standard library only)
 
 LAM_SCHEDULES = ("constant", "linear", "cosine", "sqrt", "step")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
@@ -283,9 +284,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Push the pipeline folder to the Hub at every checkpoint and at the end.")
     g.add_argument("--hub_model_id", type=str, default=None,
                    help="Repository to push to (default: the name of --output_dir under your account).")
-    g.add_argument("--hub_token", type=str, default=None,
-                   help="Hub token. Prefer HF_TOKEN or the cached login (`hf auth login`), used when this is left out: "
-                   "a token on the command line is visible to other users (ps). Never printed or saved.")
+    g.add_argument("--hub_token_file", type=str, default=None, metavar="FILE",
+                   help="A file holding only the Hub token. Default: HF_TOKEN, else the cached login (`hf auth "
+                   "login`). The token is never printed or saved, and a push is refused if a file to upload holds it "
+                   "(plain or encoded: base64, hex, URL-encoded).")
+    g.add_argument("--hub_token", type=str, default=None, metavar="TOKEN",
+                   help="REFUSED (exit status 2, before anything else): a token on the command line is readable by "
+                   "every user of the machine (ps, /proc/PID/cmdline) for the whole run, and cannot be erased there. "
+                   "Use HF_TOKEN, --hub_token_file or `hf auth login`.")
     g.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repository as private.")
     trajectory_modality.add_arguments(parser)
     latent_lib.add_arguments(parser)
@@ -298,6 +304,7 @@ def validate_args(args: argparse.Namespace) -> None:
         if not condition:
             raise ValueError(message)
 
+    need(args.hub_token is None, hub_token.command_line_refusal("--hub_token", "--hub_token_file"))  # first of all
     if args.modality == "trajectory":
         trajectory_modality.validate(args, need)
     else:
@@ -391,13 +398,12 @@ def validate_args(args: argparse.Namespace) -> None:
         need(importlib.util.find_spec("wandb") is not None, "--logger wandb needs the wandb package (pip install wandb)")
 
     if args.push_to_hub:
-        # Hub: the hub engineer refines this check (e.g. whoami against the endpoint).
-        from huggingface_hub import get_token
-        need(bool(args.hub_token or get_token()),
-             "--push_to_hub needs a Hub token: pass --hub_token, set HF_TOKEN, or run `hf auth login`.")
+        # The token's validity is asked of the Hub later (make_push_fn), before any training.
+        need(bool(hub_token.resolve_token(args.hub_token_file, "--hub_token_file")),
+             "--push_to_hub needs a Hub token: set HF_TOKEN, pass --hub_token_file FILE, or run `hf auth login`.")
     else:
-        need(args.hub_model_id is None and not args.hub_private_repo,
-             "--hub_model_id / --hub_private_repo only make sense with --push_to_hub")
+        need(args.hub_model_id is None and not args.hub_private_repo and args.hub_token_file is None,
+             "--hub_model_id / --hub_private_repo / --hub_token_file only make sense with --push_to_hub")
 
 
 #: Upper bounds of numeric flags: beyond them training is meaningless (--adaptive_p 1e10 weights every row to ~0,
@@ -539,13 +545,19 @@ def _make_push_fn(args):
             return push(folder, commit_message)
         except Exception as error:  # noqa: BLE001
             text = str(error).splitlines()[0] if str(error) else ""
-            if args.hub_token:
-                text = text.replace(args.hub_token, REDACTED)
+            for secret in _hub_secrets(args):
+                text = text.replace(secret, REDACTED)
             print(f"train_mmf.py: warning: the push to the Hub failed ({type(error).__name__}: {text}); "
                   "training goes on, the next checkpoint pushes again", file=sys.stderr)
             return None
 
     return push_or_warn
+
+
+def _hub_secrets(args) -> list:
+    """The token a push uses (kept out of messages and the model card); empty without --push_to_hub."""
+    token = hub_token.resolve_token(args.hub_token_file, "--hub_token_file") if args.push_to_hub else None
+    return [token] if token else []
 
 
 def _write_model_card(output_dir: str, args, extra: dict) -> None:
@@ -564,14 +576,14 @@ def _write_model_card(output_dir: str, args, extra: dict) -> None:
         "conditioning": extra.get("conditioning"),
     }
     if extra.get("modality") is not None:  # --modality trajectory writes its own card
-        extra["modality"].write_model_card(output_dir, info, secrets=[args.hub_token])
+        extra["modality"].write_model_card(output_dir, info, secrets=_hub_secrets(args))
         return
     try:
         from mmf_diffusers.model_card import write_model_card
     except ImportError:
         write_model_card = None
     if write_model_card is not None:
-        write_model_card(output_dir, {k: v for k, v in info.items() if v is not None}, secrets=[args.hub_token])
+        write_model_card(output_dir, {k: v for k, v in info.items() if v is not None}, secrets=_hub_secrets(args))
         return
     lines = ["---", "library_name: diffusers", "tags: [mmf, meanflow, unconditional-image-generation]", "---", "",
              f"# {info['title']}", "",
@@ -727,7 +739,8 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
                                   "or more")
             log(f"{len(class_names)} classes: {', '.join(class_names[:20])}{' ...' if len(class_names) > 20 else ''}")
     # Latent space: the frozen VAE encodes every image once (cached on disk); the UNet is built for the latents.
-    latent = _latent_space(args, dataset, num_channels, accelerator, log, ConfigError) if args.vae_name_or_path else None
+    latent = _latent_space(args, dataset, num_channels, accelerator, log, ConfigError,
+                           saved_config=resume_meta["config"] if resume_meta else None) if args.vae_name_or_path else None
     if latent is not None:
         dataset = latent.dataset
     unet_size, unet_channels = (latent.size, latent.channels) if latent else (args.resolution, num_channels)
@@ -867,7 +880,7 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
         if bool(meta["config"].get("class_conditional")) != bool(args.class_conditional):
             problems.append(f"--class_conditional {bool(meta['config'].get('class_conditional'))} -> "
                             f"{bool(args.class_conditional)}")
-        current = dict(public_config(args), num_channels=num_channels)
+        current = dict(public_config(args), num_channels=num_channels, vae=latent.identity if latent else None)
         problems += run_state.resume_conflicts(meta["config"], current)
         if problems:
             raise ConfigError(f"Cannot resume from {resume_path}: the run changed ({'; '.join(problems)}). These "
@@ -894,6 +907,7 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
     config = public_config(args)
     config.update(num_processes=accelerator.num_processes, global_batch_size=global_batch,
                   num_training_images=len(dataset), num_channels=num_channels, num_parameters=num_params,
+                  vae=latent.identity if latent else None,
                   mmf_diffusers_version=mmf_diffusers.__version__, torch_version=torch.__version__)
     if is_main:
         os.makedirs(args.output_dir, exist_ok=True)
@@ -1129,14 +1143,19 @@ def _config_summary(config: dict, path: str) -> str:
     return f"Configuration (all of it in {path}): {' '.join(changed)}; {sizes}"
 
 
-def _latent_space(args, image_dataset, num_channels, accelerator, log, error_class):
+def _latent_space(args, image_dataset, num_channels, accelerator, log, error_class, saved_config=None):
     """--vae_name_or_path: the frozen VAE, the checks (before any encoding), and the cached latents; see latents.py.
-    The main process encodes (or finds the cache) first, the others then read its file."""
+    The main process encodes (or finds the cache) first, the others then read its file. ``saved_config``: the
+    configuration of the checkpoint resumed from, whose VAE must be this one (checked before any encoding)."""
     cache_dir = args.latent_cache_dir or os.path.join(args.output_dir, "latent_cache")
     try:
         vae = latent_lib.load_vae(args.vae_name_or_path, args.vae_subfolder)
         levels = None if args.pretrained_unet else len(args.block_out_channels)
         latent = latent_lib.LatentSpace(vae, args.resolution, num_channels, unet_levels=levels)
+        changed = run_state.vae_conflicts(saved_config, latent.identity) if saved_config is not None else []
+        if changed:
+            raise error_class(f"Cannot resume: the run changed ({'; '.join(changed)}). The VAE is fixed by the "
+                              "checkpoint (its latent space): use the VAE it was trained with.")
         with accelerator.main_process_first():
             latent.encode_dataset(image_dataset, cache_dir, log=log)
     except latent_lib.LatentError as error:

@@ -25,7 +25,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
-from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.modeling_utils import ModelMixin, get_parameter_dtype
 
 LabelsLike = Union[int, str, Sequence[Union[int, str]], torch.Tensor, None]
 
@@ -114,10 +114,12 @@ class MMFConditioner(ModelMixin, ConfigMixin):
     def label_ids(self, class_labels: LabelsLike, batch_size: int, device=None) -> torch.Tensor:
         """Turn what a user gives into a LongTensor of ``batch_size`` label ids.
 
-        ``None`` is "no label" for every row; one int or name is used for every row; a list/tuple/1-D tensor must have
-        one entry per row (a numpy array of ids works too). Strings are class names (``"none"`` is the "no label"
-        token unless a class has that name), integers are class ids; anything else, an unknown name or an id outside
-        ``[0, num_classes)`` raises a ValueError that lists the valid labels.
+        ``None`` is "no label" for every row; one int or name, or a list of one, is used for every row; a longer
+        list/tuple/1-D tensor must have one entry per row (a numpy array of ids works too). A column of shape ``(B, 1)``
+        (a tensor, or a list of one-element lists, as diffusers' batch tests make from ``[label]``) is read as ``B``
+        labels. Strings are class names (``"none"`` is the "no label" token unless a class has that name), integers are
+        class ids; anything else, an unknown name or an id outside ``[0, num_classes)`` raises a ValueError that lists
+        the valid labels.
         """
         if class_labels is None:
             return torch.full((batch_size,), self.null_label, dtype=torch.long, device=device)
@@ -126,15 +128,24 @@ class MMFConditioner(ModelMixin, ConfigMixin):
         if torch.is_tensor(class_labels):
             if class_labels.is_floating_point() or class_labels.is_complex() or class_labels.dtype == torch.bool:
                 raise ValueError(f"class_labels as a tensor must hold integer ids, got dtype {class_labels.dtype}")
+            if class_labels.dim() == 2 and class_labels.shape[1] == 1:
+                class_labels = class_labels[:, 0]
             if class_labels.dim() > 1:
-                raise ValueError(f"class_labels must be 0-D or 1-D, got shape {tuple(class_labels.shape)}")
+                raise ValueError(f"class_labels must be 0-D, 1-D or a (B, 1) column, got shape "
+                                 f"{tuple(class_labels.shape)}")
             class_labels = class_labels.tolist()
         if isinstance(class_labels, (str, numbers.Integral)):
-            class_labels = [class_labels] * batch_size
+            class_labels = [class_labels]
         if not isinstance(class_labels, (list, tuple)):
             raise ValueError(f"class_labels must be an int, a name, or a list of them; got {type(class_labels).__name__}")
+        # A column [[a], [b], ...] is a list of labels.
+        class_labels = [label[0] if isinstance(label, (list, tuple)) and len(label) == 1 else label
+                        for label in class_labels]
+        if len(class_labels) == 1:
+            class_labels = list(class_labels) * batch_size
         if len(class_labels) != batch_size:
-            raise ValueError(f"Got {len(class_labels)} class labels for {batch_size} images; give one per image or one for all")
+            raise ValueError(f"Got {len(class_labels)} class labels for {batch_size} images; give one per image or one "
+                             "for all")
         names = self.class_names
         index = {"none": self.null_label, **{name: i for i, name in enumerate(names)}}
         ids = []
@@ -160,5 +171,7 @@ class MMFConditioner(ModelMixin, ConfigMixin):
             second_time: float ``(B,)``, already multiplied by the pipeline's ``time_scale``.
             class_labels: long ``(B,)`` ids in ``[0, num_classes]`` (``num_classes`` is "no label").
         """
-        projected = self.time_proj(second_time).to(dtype=self.time_embedding.linear_1.weight.dtype)
+        # The MLP's compute dtype: its weights' dtype, or the compute dtype of layerwise casting (never the storage
+        # dtype, e.g. float8, in which layerwise casting keeps the weights between calls).
+        projected = self.time_proj(second_time).to(dtype=get_parameter_dtype(self.time_embedding))
         return self.time_embedding(projected) + self.label_embedding(class_labels)

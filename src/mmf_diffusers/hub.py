@@ -17,7 +17,7 @@ an installed library. The package's own entries are kept under ``_mmf_package_la
 
 Components from diffusers (the UNet2DModel / UNet1DModel, or a FlowMapEulerDiscreteScheduler) need no copied code.
 
-Command line: ``mmf-push FOLDER REPO_ID [--private] [--token TOKEN] [--endpoint URL] [--with-demo]``; ``--with-demo``
+Command line: ``mmf-push FOLDER REPO_ID [--private] [--token-file FILE] [--endpoint URL] [--with-demo]``; ``--with-demo``
 also writes the files of a Gradio Space that serves ``mmf-demo`` for the repository (`mmf_diffusers.space.write_space`)
 and links it from the card.
 """
@@ -43,6 +43,7 @@ from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects  
 
 from .checkpointing import safetensors_problem
 from .hub_timeouts import hub_timeout, is_network_error, quiet_loading, use_hub_timeouts
+from .hub_token import command_line_refusal, read_token_file, token_leaks
 from .model_card import PACKAGE_LAYOUT_KEY, REPO_PLACEHOLDER, add_demo_section, is_mmf_card, write_model_card
 
 PathLike = Union[str, os.PathLike]
@@ -51,7 +52,8 @@ MODEL_INDEX = "model_index.json"
 REMOTE_PIPELINE_MODULE = "pipeline"  # diffusers' documented name for a repository's own pipeline file
 PACKAGE = (__package__ or __name__).split(".")[0]  # also when run as python -m mmf_diffusers.hub
 
-AUTH_HELP = "set HF_TOKEN, log in once with `hf auth login`, or pass a token (token=... / --token)"
+AUTH_HELP = ("set HF_TOKEN, log in once with `hf auth login`, or name a file holding the token (--token-file / "
+             "--hub_token_file; token=... in Python)")
 #: What a pipeline folder pushes besides its components: the index, the card, its images, the remote-code module.
 TOP_LEVEL_FILES = (MODEL_INDEX, "README.md", f"{REMOTE_PIPELINE_MODULE}.py")
 TOP_LEVEL_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".gif")
@@ -70,6 +72,7 @@ def load_pipeline(repo_id_or_path: PathLike, **kwargs) -> DiffusionPipeline:
     if os.path.isdir(repo_id_or_path):
         index = _read_model_index(repo_id_or_path)
     else:
+        use_hub_timeouts()  # every Hub request of this load ends within MMF_HUB_TIMEOUT, as in the command-line tools
         path = hf_hub_download(
             str(repo_id_or_path),
             MODEL_INDEX,
@@ -338,25 +341,6 @@ def validate_pipeline_folder(folder: PathLike, files: Iterable[str]) -> None:
                 raise ValueError(f"Refusing to upload {folder}: {name} has non-finite weights ({bad[0]}, ...)")
 
 
-def _files_containing(folder: PathLike, paths: Iterable[str], needle: str, chunk_size: int = 1 << 20) -> List[str]:
-    """Those of ``paths`` whose bytes contain ``needle`` (read in chunks, so large weights cost no memory)."""
-    pattern = needle.encode()
-    overlap = len(pattern) - 1
-    found = []
-    for path in paths:
-        tail = b""
-        with open(os.path.join(folder, path), "rb") as f:
-            while True:
-                chunk = f.read(chunk_size)
-                if not chunk:
-                    break
-                if pattern in tail + chunk:
-                    found.append(path)
-                    break
-                tail = chunk[-overlap:] if overlap else b""
-    return found
-
-
 # ---------------------------------------------------------------------------------------------------- push
 def push_pipeline_folder(
     folder: PathLike,
@@ -395,13 +379,12 @@ def push_pipeline_folder(
         add_demo_section(os.path.join(folder, "README.md"), demo_space, repo_id)
     ignore = list(ignore_patterns or []) + DEFAULT_IGNORE_PATTERNS
     files = sorted(filter_repo_objects(pipeline_files(folder), ignore_patterns=ignore))
-    # The token is looked for in every file that is not ignored, pushed or not (a token lying in the folder is a
-    # mistake worth stopping for), and in the names of the files pushed.
-    leaked = _files_containing(folder, sorted(set(files) | set(_files_to_upload(folder, ignore_patterns))), token)
-    leaked += [path for path in files if token in path]
+    # The token is looked for, plain and encoded (base64, hex, URL-encoded, ...: `hub_token.encoded_forms`), in every
+    # file that is not ignored, pushed or not (a token lying in the folder is a mistake worth stopping for), and in
+    # the names of the files.
+    leaked = token_leaks(str(folder), sorted(set(files) | set(_files_to_upload(folder, ignore_patterns))), token)
     if leaked:
-        raise ValueError(f"Refusing to upload {folder}: the Hub token appears in {sorted(set(leaked))}"
-                         .replace(token, "***"))
+        raise ValueError(f"Refusing to upload {folder}: the Hub token appears in {leaked}".replace(token, "***"))
     validate_pipeline_folder(folder, files)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     commit = api.upload_folder(
@@ -421,7 +404,8 @@ def make_push_fn(
     returning the commit URL (see `push_pipeline_folder`; ``ignore_patterns`` applies to every push).
 
     Reads ``args.hub_model_id`` (default: the name of ``args.output_dir``, in the token's namespace),
-    ``args.hub_token``, ``args.hub_private_repo`` and ``args.hub_endpoint`` when the script has them. Checks the token
+    ``args.hub_token`` (a token object set in Python) or ``args.hub_token_file`` (a file holding it; else HF_TOKEN or
+    the cached login), ``args.hub_private_repo`` and ``args.hub_endpoint`` when the script has them. Checks the token
     at once (`check_hub_auth`; with ``validate=True`` the Hub is asked too), so call it before training starts.
     """
     if not getattr(args, "push_to_hub", False):
@@ -430,7 +414,10 @@ def make_push_fn(
     if not repo_id:
         raise ValueError("--push_to_hub needs --hub_model_id (user/name)")
     endpoint = getattr(args, "hub_endpoint", None)
-    token = check_hub_auth(getattr(args, "hub_token", None), endpoint=endpoint, validate=validate)
+    token = getattr(args, "hub_token", None)
+    if token is None and getattr(args, "hub_token_file", None) is not None:
+        token = read_token_file(args.hub_token_file, "--hub_token_file")
+    token = check_hub_auth(token, endpoint=endpoint, validate=validate)
     private = bool(getattr(args, "hub_private_repo", False))
 
     def push(folder: PathLike, commit_message: str, card_info: Optional[Dict[str, Any]] = None) -> str:
@@ -461,10 +448,20 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("repo_id", help="Hub repository, user/name (created if it does not exist)")
     parser.add_argument("--private", action="store_true", help="create the repository private")
     parser.add_argument(
+        "--token-file",
+        default=None,
+        metavar="FILE",
+        help="a file holding only the Hub token (write access). Default: HF_TOKEN, else the cached login "
+        "(`hf auth login`). The files to upload are searched for the token, plain and encoded (base64, base64url, "
+        "hex, URL-encoded, UTF-16), and the upload is refused if it is found.",
+    )
+    parser.add_argument(
         "--token",
         default=None,
-        help="Hub token with write access. Prefer HF_TOKEN or the cached login (`hf auth login`), which are used "
-        "when this is left out: a token on the command line is visible to other users of the machine (ps).",
+        metavar="TOKEN",
+        help="REFUSED, with exit status 2 before anything else: a token on the command line is readable by every "
+        "user of the machine (ps, /proc/PID/cmdline) and cannot be erased there. Use HF_TOKEN, --token-file or "
+        "`hf auth login`.",
     )
     parser.add_argument("--endpoint", default=None, help="Hub URL (default: HF_ENDPOINT or https://huggingface.co)")
     parser.add_argument("--commit-message", default="Upload MMF pipeline", help="commit message")
@@ -480,10 +477,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """``mmf-push FOLDER REPO_ID [--private] [--token TOKEN] [--endpoint URL] [--with-demo ...]``; returns the exit
-    status."""
+    """``mmf-push FOLDER REPO_ID [--private] [--token-file FILE] [--endpoint URL] [--with-demo ...]``; returns the
+    exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.token is not None:
+        parser.exit(2, f"mmf-push: error: {command_line_refusal('--token', '--token-file')}\n")
     space_id = demo_dir = None
     if args.with_demo:
         if args.repo_id.count("/") != 1:
@@ -495,8 +494,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         _read_model_index(args.folder)
         pipeline_files(args.folder)
-        token = check_hub_auth(args.token)
-    except (OSError, ValueError) as error:
+        token = check_hub_auth(read_token_file(args.token_file, "--token-file") if args.token_file else None)
+    except (OSError, ValueError) as error:  # TokenError is a ValueError
         parser.exit(2, f"mmf-push: error: {error}\n")
     if args.with_demo:
         from .space import write_space

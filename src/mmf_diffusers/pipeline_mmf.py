@@ -22,10 +22,12 @@ import math
 import numbers
 import os
 import sys
-from typing import List, Optional, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from diffusers import AutoencoderKL, AutoencoderTiny, DiffusionPipeline, ImagePipelineOutput, UNet2DModel, VQModel
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.models.modeling_utils import get_parameter_dtype
 from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import snapshot_download
@@ -45,7 +47,9 @@ SECOND_TIME_CHOICES = ("h", "r")
 #: [0, 1]. 10 keeps finite differences exact to 0.4% while the time input still spans several frequencies.
 DEFAULT_TIME_SCALE = 10.0
 
-OUTPUT_TYPES = ("pil", "np", "pt")
+#: ``"latent"`` is the UNet's output space before any decoding, as in diffusers' pipelines: the sample ``x`` itself
+#: (pixels in about ``[-1, 1]``, or the scaled latent of a latent model), neither decoded, rescaled nor clipped.
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 #: Key of ``model_index.json`` under which a folder in diffusers' remote-code layout (see `mmf_diffusers.hub`) keeps
 #: the package's own entries, e.g. ``{"_class_name": "MMFPipeline", "scheduler": ["mmf_diffusers.scheduling_mmf",
@@ -154,23 +158,66 @@ def unet_average_velocity(
     return unet(z, t * time_scale, class_labels=embedding).sample
 
 
-def _cast_to_weight_dtype(module: torch.nn.Module, args: tuple) -> tuple:
-    weight = module.linear_1.weight
-    return tuple(a.to(weight.dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+#: The pipelines of mmf_diffusers by class name, and what they make: loading one's folder with the other is refused.
+MMF_PIPELINES = {"MMFPipeline": "images", "MMFTrajectoryPipeline": "trajectories"}
+
+
+def check_model_index(config: dict, layout, where, class_name: str) -> None:
+    """Refuse a ``model_index.json`` (``config``, with the package ``layout`` popped from it) that ``class_name`` must
+    not load: one that holds the other pipeline of mmf_diffusers, or whose component names or ``[module, class]``
+    entries are not Python identifiers (component names are folders inside the pipeline folder; ``"../unet"`` would
+    load files from outside it). Raises a one-line ValueError."""
+    index = f"{where}/model_index.json"
+    if layout is not None and not (
+        isinstance(layout, dict) and all(
+            isinstance(entry, str) if name == "_class_name" else isinstance(entry, (list, tuple)) and len(entry) == 2
+            for name, entry in layout.items()
+        )
+    ):
+        raise ValueError(f"{index}: {PACKAGE_LAYOUT_KEY} must map component names to [module, class] pairs, got "
+                         f"{layout!r}")
+    named = (layout or {}).get("_class_name", config.get("_class_name"))
+    if isinstance(named, (list, tuple)) and len(named) == 2:
+        named = named[1]
+    if named in MMF_PIPELINES and named != class_name:
+        raise ValueError(f"{where} holds an {named} ({MMF_PIPELINES[named]}), not an {class_name}: load it with "
+                         f"{named}.from_pretrained, or with mmf_diffusers.load_pipeline, which picks the class")
+    for name, value in list(config.items()) + list((layout or {}).items()):
+        if name.startswith("_"):
+            continue
+        if not name.isidentifier():
+            raise ValueError(f"{index} names the component {name!r}, which is not a Python identifier (a component "
+                             "is a folder inside the pipeline; path parts would reach outside it): refusing to load")
+        if isinstance(value, (list, tuple)) and len(value) == 2 and isinstance(value[0], str):
+            module, component_class = value
+            if not all(part.isidentifier() for part in module.split(".")) or not (
+                isinstance(component_class, str) and component_class.isidentifier()
+            ):
+                raise ValueError(f"{index}: the component {name!r} is [{module!r}, {component_class!r}], which is not "
+                                 "a [module, class] pair of Python names: refusing to load")
+
+
+def _cast_to_compute_dtype(module: torch.nn.Module, args: tuple) -> tuple:
+    # diffusers' `get_parameter_dtype` is the dtype the module computes in: its weights' dtype, or the compute dtype
+    # of layerwise casting (`enable_layerwise_casting`), whose weights are stored in another dtype (e.g. float8).
+    dtype = get_parameter_dtype(module)
+    return tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
 
 
 def install_class_embedding_cast(unet: UNet2DModel) -> None:
-    """Make UNet2DModel's ``class_embed_type="timestep"`` path work in bfloat16/float16/float64.
+    """Make UNet2DModel's ``class_embed_type="timestep"`` path work in bfloat16/float16/float64 and under layerwise
+    casting.
 
     UNet2DModel casts the sinusoid of the timestep to the model dtype but not the sinusoid of ``class_labels``, so
     a model whose weights are not float32 fails in its class-embedding MLP. A forward pre-hook casts that input to
-    the MLP's weight dtype. Idempotent; hooks are not saved, so pipelines install it when they are built.
+    the MLP's compute dtype (its weights' dtype, or the ``compute_dtype`` of ``enable_layerwise_casting``, never the
+    storage dtype). Idempotent; hooks are not saved, so pipelines install it when they are built.
     """
     embedding = getattr(unet, "class_embedding", None)
     if embedding is None or not hasattr(embedding, "linear_1"):
         return
     if getattr(embedding, "_mmf_cast_hook", None) is None:
-        embedding._mmf_cast_hook = embedding.register_forward_pre_hook(_cast_to_weight_dtype)
+        embedding._mmf_cast_hook = embedding.register_forward_pre_hook(_cast_to_compute_dtype)
 
 
 class MMFPipeline(DiffusionPipeline):
@@ -352,6 +399,8 @@ class MMFPipeline(DiffusionPipeline):
         outputs = super().load_config(*args, **kwargs)
         config = outputs[0] if isinstance(outputs, tuple) else outputs
         layout = config.pop(PACKAGE_LAYOUT_KEY, None)
+        where = args[0] if args else kwargs.get("pretrained_model_name_or_path", "the pipeline folder")
+        check_model_index(config, layout, where, cls.__name__)
         if isinstance(layout, dict) and all(
             entry[0] in sys.modules for name, entry in layout.items() if name != "_class_name"
         ):
@@ -383,6 +432,47 @@ class MMFPipeline(DiffusionPipeline):
             raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
         return int(value)
 
+    # --- the state diffusers' pipelines expose during and after a call ------------------------------------------
+    _callback_tensor_inputs = ["latents"]
+    _num_timesteps = 0
+    _interrupt = False
+    _guidance_scale = None
+
+    @property
+    def num_timesteps(self) -> int:
+        """Network steps of the latest call (its ``num_inference_steps``)."""
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        """Set ``pipe._interrupt = True`` in a ``callback_on_step_end`` to skip the remaining steps (diffusers'
+        convention); the call then returns the sample as it stands."""
+        return self._interrupt
+
+    @property
+    def guidance_scale(self) -> Optional[float]:
+        """The sampling-time guidance scale of the latest call (``None``: no guidance at sampling time). A
+        ``callback_on_step_end`` may change ``pipe._guidance_scale``; the next steps use the new value."""
+        return self._guidance_scale
+
+    def _image_shape(self, count: int, height, width) -> Tuple[int, ...]:
+        """``(count, C, h, w)``: the UNet's sample shape for images of ``height x width`` pixels (default: the
+        `image_size` the model was trained at). Each side must be a multiple of the VAE's factor times the UNet's
+        downsampling factor, so that the convolutions line up."""
+        factor = vae_scale_factor(self.vae) if self.is_latent else 1
+        multiple = factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        default = self.image_size if isinstance(self.image_size, tuple) else (self.image_size, self.image_size)
+        sides = []
+        for name, value, fallback in (("height", height, default[0]), ("width", width, default[1])):
+            if value is None:
+                value = fallback
+            value = self._check_positive_int(name, value)
+            if value % multiple:
+                raise ValueError(f"`{name}` must be a multiple of {multiple} for this model (it makes {default[0]}x"
+                                 f"{default[1]} images by default), got {value}")
+            sides.append(value // factor)
+        return (count, self.unet.config.in_channels, *sides)
+
     @torch.no_grad()
     def __call__(
         self,
@@ -395,48 +485,83 @@ class MMFPipeline(DiffusionPipeline):
         batch_size: Optional[int] = None,
         class_labels=None,
         guidance_scale: Optional[float] = None,
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+        callback_on_step_end: Optional[Union[Callable, PipelineCallback, MultiPipelineCallbacks]] = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     ) -> Union[ImagePipelineOutput, Tuple]:
         r"""
         Generate images.
 
         Args:
-            num_images (`int`, defaults to 1): how many images. ``batch_size`` is accepted as a synonym (the name
-                diffusers' unconditional pipelines use); give one or the other.
+            num_images (`int`, *optional*): how many images. ``batch_size`` is accepted as a synonym (the name
+                diffusers' unconditional pipelines use); give one or the other. Default: one per entry of
+                ``class_labels`` when it is a list (as diffusers' DiT pipeline), else the batch of ``latents``, else 1.
             num_inference_steps (`int`, defaults to 1): network evaluations; 1 is ``x = z_1 - u(z_1, 0, 1)``.
-            generator (`torch.Generator` or a list of one per image): makes the initial noise reproducible.
-            latents (`torch.Tensor`, *optional*): initial noise ``z_1`` of shape ``(num_images, C, H, W)``, the UNet's
-                input (for a latent model: latent channels and latent size).
-            output_type (`str`): ``"pil"``, ``"np"`` (float array ``(B, H, W, C)`` in ``[0, 1]``) or ``"pt"``
-                (float tensor ``(B, C, H, W)`` in ``[0, 1]``).
+            generator (`torch.Generator` or a list of one per image): makes the initial noise reproducible; with a
+                list, image ``i`` depends only on generator ``i``.
+            latents (`torch.Tensor`, *optional*): initial noise ``z_1`` of shape ``(num_images, C, h, w)``, the UNet's
+                input (for a latent model: latent channels and latent size). Must be finite.
+            output_type (`str`): ``"pil"``, ``"np"`` (float array ``(B, H, W, C)`` in ``[0, 1]``), ``"pt"`` (float
+                tensor ``(B, C, H, W)`` in ``[0, 1]``) or ``"latent"`` (the UNet's output space before any decoding:
+                the final sample ``x``, a tensor ``(B, C, h, w)`` in the UNet's dtype; pixels in about ``[-1, 1]``
+                for a pixel model, scaled latents for a latent model, which `decode_latents` turns into images).
             return_dict (`bool`): return an [`ImagePipelineOutput`] instead of a 1-tuple.
             class_labels (class-conditional models only): one label for all images or one per image; class ids
-                (``int``) or names (``str``, see `class_names`), as a list or a 1-D integer tensor; ``"none"`` is the
-                "no label" token (the model's unconditional branch, which guidance uses). ``None`` (the default) draws
-                each image's class from the training data's class frequencies (the conditioner's `class_prior`, after
-                the noise, with ``generator``): a sample of the data distribution ``sum_c p(c) p(x | c)``.
+                (``int``) or names (``str``, see `class_names`), as a list or a 1-D integer tensor (a column of
+                shape ``(B, 1)`` is read as ``B`` labels); ``"none"`` is the "no label" token (the model's
+                unconditional branch, which guidance uses). A one-element list is used for every image. ``None`` (the
+                default) draws each image's class from the training data's class frequencies (the conditioner's
+                `class_prior`, after the noise, with ``generator``): a sample of the data distribution
+                ``sum_c p(c) p(x | c)``.
             guidance_scale (`float`, *optional*): classifier-free guidance at sampling time,
                 ``u = u_none + guidance_scale * (u_c - u_none)``: two network evaluations per step. ``None`` (the
                 default) is one evaluation of the conditional model, which is already guided when it was trained with
                 guidance. Needs a class-conditional model.
+            height, width (`int`, *optional*): image size in pixels; default the size the model was trained at
+                (`image_size`). Other sizes must be multiples of the model's downsampling factor; the UNet is
+                convolutional and runs on them, but it only learned images of its training size.
+            callback_on_step_end (`Callable`, [`PipelineCallback`] or [`MultiPipelineCallbacks`], *optional*): called
+                after every step as ``callback_on_step_end(pipe, step_index, timestep, callback_kwargs)``, where
+                ``timestep`` is the scheduler's timestep the step started from and ``callback_kwargs`` holds the
+                tensors named in ``callback_on_step_end_tensor_inputs`` after the step. It returns a dict; a
+                ``"latents"`` entry replaces the sample the next step starts from (same shape).
+            callback_on_step_end_tensor_inputs (list of `str`): the tensors passed to the callback, from
+                ``pipe._callback_tensor_inputs`` (``["latents"]``).
 
         Returns:
             [`ImagePipelineOutput`] or `tuple` with the images.
+
+        Raises:
+            ValueError: for any invalid argument, and when the model produces non-finite values (NaN or inf) from
+            finite inputs; nothing is returned as a success then.
         """
         # 0. check the request before doing any work
         if num_images is not None and batch_size is not None and num_images != batch_size:
             raise ValueError(f"Give `num_images` or its synonym `batch_size`, not both ({num_images} != {batch_size})")
+        if not self.is_class_conditional and (class_labels is not None or guidance_scale is not None):
+            given = "class_labels" if class_labels is not None else "guidance_scale"
+            raise ValueError(f"`{given}` was given, but this model is unconditional (it has no conditioner)")
         count = num_images if num_images is not None else batch_size
-        if count is None:
-            count = latents.shape[0] if torch.is_tensor(latents) else 1
+        label_count = _count_labels(class_labels)
+        if count is not None:
+            source = f"num_images={count}" if num_images is not None else f"batch_size={count}"
+        elif label_count is not None:
+            count, source = label_count, f"one per class label, {label_count} given"
+        elif torch.is_tensor(latents) and latents.dim() > 0:
+            count, source = latents.shape[0], "the batch of `latents`"
+        else:
+            count, source = 1, "the default"
         count = self._check_positive_int("num_images", count)
         num_inference_steps = self._check_positive_int("num_inference_steps", num_inference_steps)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if isinstance(generator, list) and len(generator) != count:
-            raise ValueError(f"Got a list of {len(generator)} generators for {count} images; give one per image")
-        if not self.is_class_conditional and (class_labels is not None or guidance_scale is not None):
-            given = "class_labels" if class_labels is not None else "guidance_scale"
-            raise ValueError(f"`{given}` was given, but this model is unconditional (it has no conditioner)")
+            raise ValueError(f"Got a list of {len(generator)} generators for {count} images ({source}); give one "
+                             "generator per image, or a single one")
+        if label_count is not None and label_count not in (1, count):
+            raise ValueError(f"Got {label_count} class labels for {count} images ({source}); give one per image "
+                             "or one for all")
         labels = None
         if self.is_class_conditional and class_labels is not None:
             labels = self.conditioner.label_ids(class_labels, count, device=self._execution_device)
@@ -449,11 +574,11 @@ class MMFPipeline(DiffusionPipeline):
                 raise ValueError(f"`guidance_scale` must be a finite number, got {guidance_scale!r}")
             if labels is not None and bool((labels == self.conditioner.null_label).all()):
                 raise ValueError("`guidance_scale` needs class labels: the 'no label' token cannot be guided")
-
-        sample_size = self.unet.config.sample_size
-        if isinstance(sample_size, int):
-            sample_size = (sample_size, sample_size)
-        shape = (count, self.unet.config.in_channels, *sample_size)
+            guidance_scale = float(guidance_scale)
+        callback_on_step_end_tensor_inputs = _check_callback(
+            callback_on_step_end, callback_on_step_end_tensor_inputs, self._callback_tensor_inputs
+        )
+        shape = self._image_shape(count, height, width)
         dtype = self.unet.dtype
 
         # 1. sample the noise z_1
@@ -462,7 +587,7 @@ class MMFPipeline(DiffusionPipeline):
         else:
             if not torch.is_tensor(latents) or tuple(latents.shape) != shape:
                 got = tuple(latents.shape) if torch.is_tensor(latents) else type(latents).__name__
-                raise ValueError(f"`latents` must be a tensor of shape {shape}, got {got}")
+                raise ValueError(f"`latents` must be a tensor of shape {shape} ({count} images: {source}), got {got}")
             if not latents.is_floating_point():  # complex, integer or bool noise is a mistake, not a request
                 raise ValueError(f"`latents` must be a real floating-point tensor, got {latents.dtype}")
             if not bool(torch.isfinite(latents).all()):
@@ -473,28 +598,95 @@ class MMFPipeline(DiffusionPipeline):
             labels = self.conditioner.sample_labels(count, generator=generator, device=self._execution_device)
 
         # 2. walk the grid 1 = s_0 > s_1 > ... > s_N = 0 with one network call per interval
+        self._guidance_scale = guidance_scale
+        self._interrupt = False
         self.scheduler.set_timesteps(num_inference_steps, device=self._execution_device)
         sigmas = self.scheduler.sigmas
+        self._num_timesteps = len(self.scheduler.timesteps)
         for i, timestep in enumerate(self.progress_bar(self.scheduler.timesteps)):
+            if self.interrupt:
+                continue
             t = sigmas[i].to(dtype=torch.float32).expand(count)
             r = sigmas[i + 1].to(dtype=torch.float32).expand(count)
-            if guidance_scale is None:
+            if self._guidance_scale is None:  # read at every step: a callback may change it
                 u = self.average_velocity(latents, r, t, labels)
             else:
-                u = self.guided_average_velocity(latents, r, t, labels, float(guidance_scale))
+                u = self.guided_average_velocity(latents, r, t, labels, float(self._guidance_scale))
             latents = self.scheduler.step(u, timestep, latents).prev_sample
+            if callback_on_step_end is not None:
+                tensors = {"latents": latents}
+                outputs = callback_on_step_end(
+                    self, i, timestep, {name: tensors[name] for name in callback_on_step_end_tensor_inputs}
+                )
+                latents = _callback_latents(outputs, latents)
 
         # 3. post-process: decode a latent model's sample (one VAE call); images are in [-1, 1]
-        image = decode_latents(self.vae, latents) if self.is_latent else latents
-        image = (image.float() / 2 + 0.5).clamp(0, 1)
-        if output_type == "pt":
-            images = image
+        _check_finite(latents, "the sample")
+        if output_type == "latent":
+            images = latents
         else:
-            images = image.cpu().permute(0, 2, 3, 1).numpy()
-            if output_type == "pil":
-                images = self.numpy_to_pil(images)
+            image = decode_latents(self.vae, latents) if self.is_latent else latents
+            _check_finite(image, "the VAE's decoding of a finite sample")
+            image = (image.float() / 2 + 0.5).clamp(0, 1)
+            if output_type == "pt":
+                images = image
+            else:
+                images = image.cpu().permute(0, 2, 3, 1).numpy()
+                if output_type == "pil":
+                    images = self.numpy_to_pil(images)
 
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)
         return ImagePipelineOutput(images=images)
+
+
+# --- helpers of `MMFPipeline.__call__`. pipeline_mmf_trajectory.py has its own copies: each pipeline file ships alone
+# as a Hub repository's ``pipeline.py`` and cannot import the other.
+def _count_labels(class_labels) -> Optional[int]:
+    """How many labels ``class_labels`` lists (a list, tuple, 1-D tensor/array, or a ``(B, 1)`` column), or ``None``
+    for no labels or a single label (an int, a name, a 0-D tensor)."""
+    if class_labels is None or isinstance(class_labels, (str, numbers.Integral)):
+        return None
+    if isinstance(class_labels, (list, tuple)):
+        return len(class_labels)
+    shape = getattr(class_labels, "shape", None)  # a tensor or a numpy array
+    if shape is not None and len(shape) in (1, 2):
+        return int(shape[0])
+    return None  # a 0-D tensor is one label; anything else is refused by the conditioner with its reason
+
+
+def _check_callback(callback, tensor_inputs, allowed: List[str]) -> List[str]:
+    """The names of the tensors to pass to ``callback`` (diffusers' ``callback_on_step_end`` contract)."""
+    if callback is None:
+        return []
+    if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
+        tensor_inputs = callback.tensor_inputs
+    elif not callable(callback):
+        raise ValueError(f"`callback_on_step_end` must be callable, got {type(callback).__name__}")
+    if isinstance(tensor_inputs, str) or not isinstance(tensor_inputs, (list, tuple)):
+        raise ValueError(f"`callback_on_step_end_tensor_inputs` must be a list of names from {allowed}, got "
+                         f"{tensor_inputs!r}")
+    unknown = [name for name in tensor_inputs if name not in allowed]
+    if unknown:
+        raise ValueError(f"`callback_on_step_end_tensor_inputs` must be names from {allowed}, got {unknown}")
+    return list(tensor_inputs)
+
+
+def _callback_latents(outputs, latents: torch.Tensor) -> torch.Tensor:
+    """The sample to continue from after a ``callback_on_step_end`` returned ``outputs``."""
+    if not isinstance(outputs, dict):
+        raise ValueError("`callback_on_step_end` must return a dict (the callback_kwargs it was given, changed or "
+                         f"not), got {type(outputs).__name__}")
+    new = outputs.pop("latents", latents)
+    if not torch.is_tensor(new) or new.shape != latents.shape:
+        got = tuple(new.shape) if torch.is_tensor(new) else type(new).__name__
+        raise ValueError(f"`callback_on_step_end` returned `latents` of shape {got}; it must keep the shape "
+                         f"{tuple(latents.shape)}")
+    return new.to(device=latents.device, dtype=latents.dtype)
+
+
+def _check_finite(tensor: torch.Tensor, what: str) -> None:
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"The model produced non-finite values (NaN or inf) in {what} from finite inputs; nothing "
+                         "is returned. Check `latents` (the model expects standard Gaussian noise) and the weights.")

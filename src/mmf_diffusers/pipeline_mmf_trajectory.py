@@ -40,11 +40,12 @@ import numbers
 import os
 import sys
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline, UNet1DModel
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.models.embeddings import get_timestep_embedding
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
@@ -60,9 +61,13 @@ DEFAULT_SECOND_TIME_CHANNELS = 8
 #: Longest period of the ``h`` sinusoids, in units of ``time_scale * h``. The t path uses diffusers' 10000, but with
 #: only a few frequencies a shorter range keeps each channel informative over ``time_scale * h`` in ``[0, 10]``.
 SECOND_TIME_MAX_PERIOD = 100.0
-OUTPUT_TYPES = ("np", "pt")
+#: ``"latent"``: the UNet's output space, the sample in normalised units (before `denormalize`), as a tensor.
+OUTPUT_TYPES = ("np", "pt", "latent")
 #: Where a remote-code ``model_index.json`` keeps the package's own entries (`pipeline_mmf.PACKAGE_LAYOUT_KEY`).
 PACKAGE_LAYOUT_KEY = "_mmf_package_layout"
+#: The pipelines of mmf_diffusers by class name, and what they make: loading one's folder with the other is refused.
+MMF_PIPELINES = {"MMFPipeline": "images", "MMFTrajectoryPipeline": "trajectories"}
+
 
 
 def trajectory_average_velocity(
@@ -106,6 +111,9 @@ def trajectory_average_velocity(
 def check_trajectory_unet(unet: UNet1DModel, second_time_channels: int) -> None:
     """Raise a ValueError unless ``unet`` can serve as an MMF trajectory backbone."""
     config = unet.config
+    if "extra_in_channels" not in config:
+        raise ValueError(f"MMFTrajectoryPipeline needs a UNet1DModel (see mmf_diffusers.build_mmf_unet1d), got a "
+                         f"{type(unet).__name__}")
     if config.extra_in_channels != second_time_channels + 1:
         raise ValueError(
             f"The UNet1DModel needs extra_in_channels = 1 (known mask) + second_time_channels ({second_time_channels}) "
@@ -234,10 +242,13 @@ class MMFTrajectoryPipeline(DiffusionPipeline):
     @classmethod
     def load_config(cls, *args, **kwargs):
         """[`ConfigMixin.load_config`] that reads a remote-code folder's `PACKAGE_LAYOUT_KEY` entries instead of its
-        copied-file entries when the modules they name are imported; see `MMFPipeline.load_config`."""
+        copied-file entries when the modules they name are imported, after `check_model_index`; see
+        `MMFPipeline.load_config`."""
         outputs = super().load_config(*args, **kwargs)
         config = outputs[0] if isinstance(outputs, tuple) else outputs
         layout = config.pop(PACKAGE_LAYOUT_KEY, None)
+        where = args[0] if args else kwargs.get("pretrained_model_name_or_path", "the pipeline folder")
+        check_model_index(config, layout, where, cls.__name__)
         if isinstance(layout, dict) and all(
             entry[0] in sys.modules for name, entry in layout.items() if name != "_class_name"
         ):
@@ -300,6 +311,21 @@ class MMFTrajectoryPipeline(DiffusionPipeline):
                              f"({start_state.shape[0]}); give one start state to repeat it")
         return start_state.to(device=device, dtype=torch.float32)
 
+    # --- the state diffusers' pipelines expose during and after a call (see `MMFPipeline`) -------------------------
+    _callback_tensor_inputs = ["latents"]
+    _num_timesteps = 0
+    _interrupt = False
+
+    @property
+    def num_timesteps(self) -> int:
+        """Network steps of the latest call (its ``num_inference_steps``)."""
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        """Set ``pipe._interrupt = True`` in a ``callback_on_step_end`` to skip the remaining steps."""
+        return self._interrupt
+
     @torch.no_grad()
     def __call__(
         self,
@@ -312,6 +338,8 @@ class MMFTrajectoryPipeline(DiffusionPipeline):
         return_dict: bool = True,
         length: Optional[int] = None,
         batch_size: Optional[int] = None,
+        callback_on_step_end: Optional[Union[Callable, PipelineCallback, MultiPipelineCallbacks]] = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     ) -> Union[TrajectoryPipelineOutput, Tuple]:
         r"""
         Generate trajectories.
@@ -326,13 +354,25 @@ class MMFTrajectoryPipeline(DiffusionPipeline):
             generator (`torch.Generator` or a list of one per trajectory): makes the initial noise reproducible.
             latents (`torch.Tensor`, *optional*): initial noise ``z_1`` of shape `(B, C, L)` (its first time step is
                 replaced by the normalised start state when one is given).
-            output_type (`str`): ``"np"`` (float32 array) or ``"pt"`` (float32 tensor), both `(B, C, L)`, physical units.
+            output_type (`str`): ``"np"`` (float32 array) or ``"pt"`` (float32 tensor), both `(B, C, L)`, physical units;
+                or ``"latent"``: the UNet's output space, the final sample in normalised units (a tensor in the UNet's
+                dtype, before `denormalize`; known entries hold the normalised start state).
             return_dict (`bool`): return a [`TrajectoryPipelineOutput`] instead of a 1-tuple.
             length (`int`, *optional*): trajectory length L (default: the UNet's ``sample_size``); must be divisible by
                 ``2 ** (number of UNet levels - 1)``.
+            callback_on_step_end (`Callable`, [`PipelineCallback`] or [`MultiPipelineCallbacks`], *optional*): called
+                after every step as ``callback_on_step_end(pipe, step_index, timestep, callback_kwargs)``, as in
+                `MMFPipeline`; a returned ``"latents"`` entry (same shape, normalised units) replaces the sample the
+                next step starts from. Known entries are put back to the start state after it.
+            callback_on_step_end_tensor_inputs (list of `str`): the tensors passed to the callback, from
+                ``pipe._callback_tensor_inputs`` (``["latents"]``).
 
         Returns:
             [`TrajectoryPipelineOutput`] or `tuple` with the trajectories.
+
+        Raises:
+            ValueError: for any invalid argument, and when the model produces non-finite values (NaN or inf) from
+            finite inputs.
         """
         # 0. check the request before doing any work
         if num_samples is not None and batch_size is not None and num_samples != batch_size:
@@ -357,6 +397,9 @@ class MMFTrajectoryPipeline(DiffusionPipeline):
             raise ValueError(f"`length` {length} must be divisible by {factor} for this UNet")
         if isinstance(generator, list) and len(generator) != count:
             raise ValueError(f"Got a list of {len(generator)} generators for {count} trajectories; give one each")
+        callback_on_step_end_tensor_inputs = _check_callback(
+            callback_on_step_end, callback_on_step_end_tensor_inputs, self._callback_tensor_inputs
+        )
         shape = (count, channels, length)
         dtype = self.unet.dtype
 
@@ -378,22 +421,112 @@ class MMFTrajectoryPipeline(DiffusionPipeline):
             latents[:, :, 0] = self.normalize(start).to(dtype)
 
         # 2. walk the grid 1 = s_0 > ... > s_N = 0; u is 0 on known entries, so every step keeps them
+        self._interrupt = False
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         sigmas = self.scheduler.sigmas
+        self._num_timesteps = len(self.scheduler.timesteps)
         for i, timestep in enumerate(self.progress_bar(self.scheduler.timesteps)):
+            if self.interrupt:
+                continue
             t = sigmas[i].to(dtype=torch.float32).expand(count)
             r = sigmas[i + 1].to(dtype=torch.float32).expand(count)
             u = self.average_velocity(latents, known_mask, r, t)
             latents = self.scheduler.step(u, timestep, latents).prev_sample
+            if callback_on_step_end is not None:
+                tensors = {"latents": latents}
+                outputs = callback_on_step_end(
+                    self, i, timestep, {name: tensors[name] for name in callback_on_step_end_tensor_inputs}
+                )
+                latents = _callback_latents(outputs, latents)
+                if start is not None:  # a callback cannot move the known entries: they are data, not samples
+                    latents[:, :, 0] = self.normalize(start).to(dtype)
 
         # 3. post-process: back to physical units; the known first state is copied back bit for bit
-        trajectories = self.denormalize(latents.float())
-        if start is not None:
-            trajectories[:, :, 0] = start
-        if output_type == "np":
-            trajectories = trajectories.cpu().numpy()
+        _check_finite(latents, "the sample")
+        if output_type == "latent":
+            trajectories = latents
+        else:
+            trajectories = self.denormalize(latents.float())
+            _check_finite(trajectories, "the trajectories in physical units")
+            if start is not None:
+                trajectories[:, :, 0] = start
+            if output_type == "np":
+                trajectories = trajectories.cpu().numpy()
 
         self.maybe_free_model_hooks()
         if not return_dict:
             return (trajectories,)
         return TrajectoryPipelineOutput(trajectories=trajectories)
+
+
+# --- helpers: the same code as in pipeline_mmf.py (tests/test_pipeline_contracts.py checks that the copies agree);
+# each pipeline file ships alone as a Hub repository's ``pipeline.py`` and cannot import the other.
+def check_model_index(config: dict, layout, where, class_name: str) -> None:
+    """Refuse a ``model_index.json`` (``config``, with the package ``layout`` popped from it) that ``class_name`` must
+    not load: one that holds the other pipeline of mmf_diffusers, or whose component names or ``[module, class]``
+    entries are not Python identifiers (component names are folders inside the pipeline folder; ``"../unet"`` would
+    load files from outside it). Raises a one-line ValueError."""
+    index = f"{where}/model_index.json"
+    if layout is not None and not (
+        isinstance(layout, dict) and all(
+            isinstance(entry, str) if name == "_class_name" else isinstance(entry, (list, tuple)) and len(entry) == 2
+            for name, entry in layout.items()
+        )
+    ):
+        raise ValueError(f"{index}: {PACKAGE_LAYOUT_KEY} must map component names to [module, class] pairs, got "
+                         f"{layout!r}")
+    named = (layout or {}).get("_class_name", config.get("_class_name"))
+    if isinstance(named, (list, tuple)) and len(named) == 2:
+        named = named[1]
+    if named in MMF_PIPELINES and named != class_name:
+        raise ValueError(f"{where} holds an {named} ({MMF_PIPELINES[named]}), not an {class_name}: load it with "
+                         f"{named}.from_pretrained, or with mmf_diffusers.load_pipeline, which picks the class")
+    for name, value in list(config.items()) + list((layout or {}).items()):
+        if name.startswith("_"):
+            continue
+        if not name.isidentifier():
+            raise ValueError(f"{index} names the component {name!r}, which is not a Python identifier (a component "
+                             "is a folder inside the pipeline; path parts would reach outside it): refusing to load")
+        if isinstance(value, (list, tuple)) and len(value) == 2 and isinstance(value[0], str):
+            module, component_class = value
+            if not all(part.isidentifier() for part in module.split(".")) or not (
+                isinstance(component_class, str) and component_class.isidentifier()
+            ):
+                raise ValueError(f"{index}: the component {name!r} is [{module!r}, {component_class!r}], which is not "
+                                 "a [module, class] pair of Python names: refusing to load")
+
+
+def _check_callback(callback, tensor_inputs, allowed: List[str]) -> List[str]:
+    """The names of the tensors to pass to ``callback`` (diffusers' ``callback_on_step_end`` contract)."""
+    if callback is None:
+        return []
+    if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
+        tensor_inputs = callback.tensor_inputs
+    elif not callable(callback):
+        raise ValueError(f"`callback_on_step_end` must be callable, got {type(callback).__name__}")
+    if isinstance(tensor_inputs, str) or not isinstance(tensor_inputs, (list, tuple)):
+        raise ValueError(f"`callback_on_step_end_tensor_inputs` must be a list of names from {allowed}, got "
+                         f"{tensor_inputs!r}")
+    unknown = [name for name in tensor_inputs if name not in allowed]
+    if unknown:
+        raise ValueError(f"`callback_on_step_end_tensor_inputs` must be names from {allowed}, got {unknown}")
+    return list(tensor_inputs)
+
+
+def _callback_latents(outputs, latents: torch.Tensor) -> torch.Tensor:
+    """The sample to continue from after a ``callback_on_step_end`` returned ``outputs``."""
+    if not isinstance(outputs, dict):
+        raise ValueError("`callback_on_step_end` must return a dict (the callback_kwargs it was given, changed or "
+                         f"not), got {type(outputs).__name__}")
+    new = outputs.pop("latents", latents)
+    if not torch.is_tensor(new) or new.shape != latents.shape:
+        got = tuple(new.shape) if torch.is_tensor(new) else type(new).__name__
+        raise ValueError(f"`callback_on_step_end` returned `latents` of shape {got}; it must keep the shape "
+                         f"{tuple(latents.shape)}")
+    return new.to(device=latents.device, dtype=latents.dtype)
+
+
+def _check_finite(tensor: torch.Tensor, what: str) -> None:
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"The model produced non-finite values (NaN or inf) in {what} from finite inputs; nothing "
+                         "is returned. Check `latents` (the model expects standard Gaussian noise) and the weights.")

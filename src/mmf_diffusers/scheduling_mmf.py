@@ -50,7 +50,12 @@ class MMFScheduler(SchedulerMixin, ConfigMixin):
       float32 timesteps, MPS and NPU have no float64, and one dtype on every device keeps results identical.
     - `step` rejects what FlowMap silently accepts: integer timesteps, `r > t`, times outside
       `[0, num_train_timesteps]`. It resolves 1-d per-sample timesteps element by element (FlowMap looks up only
-      the first element) and needs `set_timesteps` first (FlowMap builds a 1000-step grid at construction).
+      the first element).
+
+    A new scheduler already has a grid, as every diffusers scheduler does (FlowMap, FlowMatchEuler, DDPM, DDIM...):
+    the training grid of `num_train_timesteps` steps from 1 to 0 (with `shift` applied), the same as FlowMap's, so
+    `timesteps`, `sigmas` and `num_inference_steps` are set (1000 by default) and `step` works before any
+    `set_timesteps`. Pipelines call `set_timesteps(num_inference_steps)` before sampling and do not rely on it.
 
     This scheduler inherits from [`SchedulerMixin`] and [`ConfigMixin`]; see the superclass documentation for the
     generic methods (loading, saving, ...). It saves as `scheduler_config.json`.
@@ -79,13 +84,14 @@ class MMFScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"`num_train_timesteps` must be a positive integer, got {num_train_timesteps!r}.")
         if not shift > 0:
             raise ValueError(f"`shift` must be positive, got {shift!r}.")
-        # No grid until `set_timesteps`: stepping on an implicit default grid would hide a missing call.
         self.num_inference_steps: Optional[int] = None
         self.sigmas: Optional[torch.Tensor] = None
         self.timesteps: Optional[torch.Tensor] = None
         # Observable state only, as in FlowMap: `step` resolves its times from its arguments, never from here.
         self._step_index: Optional[int] = None
         self._begin_index: Optional[int] = None
+        # diffusers' convention (see the class docstring): a scheduler has a grid from the start, the training grid.
+        self.set_timesteps(int(num_train_timesteps), device="cpu")
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps

@@ -10,7 +10,11 @@ from typing import List, Optional
 
 SPACE_APP = '''"""A Gradio Space for the Modular MeanFlow pipeline {repo_id} (written by `mmf-push --with-demo`)."""
 from mmf_diffusers.demo import build_demo
+from mmf_diffusers.hub_timeouts import use_hub_timeouts
 
+# Every Hub request ends within MMF_HUB_TIMEOUT seconds (default 30), as in the command-line tools: a Hub that does
+# not answer stops the app with an error instead of leaving it loading forever.
+use_hub_timeouts()
 demo = build_demo("{repo_id}")
 demo.queue(default_concurrency_limit=1)
 
