@@ -1,0 +1,66 @@
+"""benchmarks/defaults_study.py at a tiny size: rows are appended to the JSON file one by one, rows already there
+are skipped (resume), the table shows them, and every configuration's flags mean what its factors say when
+training/train_mmf.py parses them."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path.insert(0, str(REPO / "training"))
+
+import defaults_study  # noqa: E402
+from mmf_diffusers import LambdaSchedule, ModularMeanFlowLoss  # noqa: E402,F401  (imports at collection, as the suite does)
+
+TINY = ["--budget", "checkerboard.steps=6", "--budget", "checkerboard.batch=16", "--budget", "checkerboard.hidden=8",
+        "--budget", "checkerboard.eval_n=64", "--budget", "checkerboard.curve_every=3"]
+
+
+def test_rows_are_appended_and_resumed(tmp_path, capsys):
+    out = tmp_path / "study.json"
+    argv = ["--datasets", "checkerboard", "--configs", "current", "previous", "--seeds", "0",
+            "--json", str(out), "--workdir", str(tmp_path / "work"), *TINY]
+    assert defaults_study.main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["config"], r["seed"]) for r in rows] == [("current", 0), ("previous", 0)]
+    for r in rows:
+        m = r["metrics"]
+        assert m["finite"] and 0 < m["sw_1step"] < 10 and 0 < m["sw_2step"] < 10
+        assert [step for step, _ in m["sw_1step_curve"]] == [3, 6]
+        assert m["sw_1step_curve"][-1][1] == m["sw_1step"]  # the same evaluator: the last curve point is the score
+        assert r["budget"]["steps"] == 6 and r["threads"] == 1 and r["wall_s"] >= 0 and "node" in r["machine"]
+    # the two configurations trained different models (lam schedule and adaptive weight differ)
+    assert rows[0]["metrics"]["sw_1step"] != rows[1]["metrics"]["sw_1step"]
+    capsys.readouterr()
+    assert defaults_study.main(argv) == 0  # resume: nothing left to do
+    assert capsys.readouterr().out == ""
+    assert json.loads(out.read_text())["rows"] == rows
+    assert defaults_study.main(["--json", str(out), "--table"]) == 0
+    table = capsys.readouterr().out
+    assert "| current | lam0 | 1 | mean | yes |" in table and "| previous | linear | 0 | mean | yes |" in table
+    # the full budget is another row key: those rows are still to do
+    assert defaults_study.main(["--json", str(out), "--plan", "--configs", "current", "--seeds", "0"]) == 0
+    assert capsys.readouterr().out.startswith("todo")
+
+
+def test_bad_budget_is_refused(capsys):
+    with pytest.raises(SystemExit) as info:
+        defaults_study.main(["--budget", "checkerboard.nosuchkey=3", "--plan"])
+    assert info.value.code == 2 and "DATASET.KEY=VALUE" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", list(defaults_study.CONFIGS))
+def test_flags_mean_the_factors(name):
+    import train_mmf
+
+    factors = defaults_study.CONFIGS[name]
+    args = train_mmf.parse_args(["--dataset_name", "sklearn-digits", "--resolution", "8",
+                                 "--block_out_channels", "16", "32", *defaults_study.config_flags(factors)])
+    lam = factors["lam"]
+    assert args.lam_schedule == ("constant" if lam in ("lam0", "lam1") else lam)
+    assert args.lam_end == (0.0 if lam == "lam0" else 1.0)
+    assert args.adaptive_p == factors["adaptive_p"] and args.adaptive_reduction == factors["adaptive_reduction"]
+    assert args.pair_rows is factors["paired"] and args.tangent == "model" and args.derivative == "finite_difference"
