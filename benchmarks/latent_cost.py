@@ -1,7 +1,9 @@
 """Sampling and training cost of MMF pipelines side by side, e.g. a latent one against a pixel one.
 
     OMP_NUM_THREADS=1 python benchmarks/latent_cost.py --pipeline pipelines/mmf-mnist-latent pipelines/mmf-mnist \
-        --train-log runs/mmf-mnist-latent/logs/train_log.jsonl runs/mmf-mnist-cond/logs/train_log.jsonl
+        --train-log LATENT_RUN/logs/train_log.jsonl runs/mmf-mnist-cool/logs/train_log.jsonl.gz
+
+(docs/latent.md has the commands that train the runs of its table; a log may be gzipped.)
 
 For each pipeline: the one-step sampling time of ``--batch`` images split into the UNet call and the VAE decode (median
 of ``--repeats`` timed calls after one warm-up, each part timed alone on the same inputs; the decode is 0 for a pixel
@@ -23,6 +25,7 @@ training images upsampled to 32 and resized back score 64, against 9.9 untouched
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import statistics
@@ -65,7 +68,9 @@ def sampling_cost(pipe: MMFPipeline, batch: int, repeats: int) -> dict:
 
 def training_cost(log_path: str, batch: int) -> dict:
     times = []
-    with open(log_path, encoding="utf-8") as f:
+    # the logs committed under runs/ are gzipped
+    opener = gzip.open if log_path.endswith(".gz") else open
+    with opener(log_path, "rt", encoding="utf-8") as f:
         for line in f:
             record = json.loads(line)
             if "step_time_s" in record:
