@@ -1,6 +1,6 @@
 """Which derivative should the training script use by default? One-step quality on the 2-D checkerboard.
 
-The budget of DESIGN.md's table (a 4-layer MLP, batch 4096, Adam 3e-4, 6000 iterations, 25% of rows r != t,
+The budget of docs/design.md's table (a 4-layer MLP, batch 4096, Adam 3e-4, 6000 iterations, 25% of rows r != t,
 logit-normal(-0.4, 1) times, lam rising linearly from 0 to 1 over the first third, model tangent) for each
 configuration and seed; the score is the one-step sliced Wasserstein-2 distance (lower is better) on 20k points, with
 the noise floor (a second exact sample) and a Gaussian beside it. CPU seconds per step are process time, so they

@@ -47,7 +47,7 @@ def main(argv=None) -> int:
                    "--learning_rate", "1e-3", "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "50",
                    "--use_ema", "--ema_max_decay", "0.999", "--checkpointing_steps", str(10 * args.steps),
                    "--num_sample_images", "16", "--logger", "none", "--seed", str(seed), "--output_dir", out,
-                   # the loss both were compared with (the script's defaults at the time; lam 0 + p 1 since issue 12)
+                   # the loss both were compared with (the script's defaults at the time; lam 0 + p 1 since)
                    "--lam_schedule", "linear", "--lam_end", "1", "--adaptive_p", "0", *flags]
             subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
             evaluation = os.path.join(out, "evaluation.json")

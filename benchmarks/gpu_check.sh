@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# GPU check of the training path (issue 10): no downloads, at most 8 minutes on one H200 (the timeouts add up to
-# that; not yet run on a GPU: no machine was lent to the session that wrote it).
+# GPU check of the training path: no downloads, at most 8 minutes on one H200 (the timeouts add up to
+# that).
 #
 #   bash benchmarks/gpu_check.sh [OUTPUT_DIR]              (default: runs/gpu_check; removed first)
 #   GPU_CHECK_DRY_RUN=1 bash benchmarks/gpu_check.sh        the same path on a CPU: tiny UNet, 2 steps per run

@@ -1,4 +1,4 @@
-"""Low data and distribution shift (issue 4, item 3.5): one MMF recipe trained on 1%, 10% and 100% of MNIST and on a
+"""Low data and distribution shift: one MMF recipe trained on 1%, 10% and 100% of MNIST and on a
 stroke-thickness split, scored for quality and for the train/test gap, every figure measured side by side in one run.
 
 Conventions: ``t = 0`` data, ``t = 1`` noise, ``z_t = (1 - t) x + t e``; the UNet predicts the average velocity

@@ -1,4 +1,4 @@
-"""Evidence for the training script's defaults on MNIST (issue 12, point 1): short class-conditional runs of equal
+"""Evidence for the training script's defaults on MNIST: short class-conditional runs of equal
 budget, each changing one choice of the previous default configuration.
 
 Every run trains ``training/train_mmf.py --dataset_name mnist-offline --class_conditional`` from scratch with the

@@ -1,4 +1,4 @@
-"""FID of MNIST pipelines at issue 12's size (5,000 samples against all 10,000 test images), beside real-vs-real.
+"""FID of MNIST pipelines at 5,000 samples (against all 10,000 test images), beside real-vs-real.
 
     python benchmarks/mnist_fid.py --pipeline shipped=pipelines/mmf-mnist --num-images 5000 \\
         --json benchmarks/results/mnist_fid_5000.json

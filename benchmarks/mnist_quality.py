@@ -1,4 +1,4 @@
-"""Quality against network evaluations (NFE) on MNIST for one trained pipeline (issue 4, item 3.3; issue 6).
+"""Quality against network evaluations (NFE) on MNIST for one trained pipeline.
 
     python benchmarks/mnist_quality.py --pipeline pipelines/mmf-mnist --num-images 1000 --fid-rows mmf:1 euler:64
     python benchmarks/mnist_quality.py --pipeline runs/mmf-mnist-cond --baseline fm=runs/fm-mnist-cond

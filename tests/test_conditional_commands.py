@@ -1,4 +1,4 @@
-"""``mmf-generate`` and ``mmf-evaluate`` with class-conditional pipelines (issue 6): class labels by name, in turn or
+"""``mmf-generate`` and ``mmf-evaluate`` with class-conditional pipelines: class labels by name, in turn or
 'none', sampling-time guidance, the class-accuracy metric against a known answer, clear errors."""
 
 import json

@@ -1,4 +1,4 @@
-"""Class-conditional training (issue 6) through training/train_mmf.py and training/data.py: labels from image-folder
+"""Class-conditional training through training/train_mmf.py and training/data.py: labels from image-folder
 class names, from a label column and from the offline digits; an end-to-end run with training-time guidance whose
 pipeline keeps the class names; SIGKILL + resume reproduces the run bit for bit (label dropout included); bad input.
 CPU only, tiny UNets, the script in subprocesses with OMP_NUM_THREADS=1.

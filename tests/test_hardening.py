@@ -1,4 +1,4 @@
-"""Bad inputs, crashes and hostile files, one probe per class (issue 13): no code run from data, one writer per
+"""Bad inputs, crashes and hostile files, one probe per class: no code run from data, one writer per
 output folder, nothing silently wrong, no hangs, clean errors from every command, a safe push, fast start-up, and
 a re-saved checkpoint that survives a crash between its renames.
 

@@ -107,7 +107,7 @@ def test_exact_u_minimises_expected_loss():
 
 
 def test_full_gradient_with_conditional_tangent_is_biased_and_model_tangent_is_not():
-    # DESIGN.md's warning, checked on the analytic case: with lam = 1 the noise of the conditional tangent
+    # docs/design.md's warning, checked on the analytic case: with lam = 1 the noise of the conditional tangent
     # v = e - x enters the objective, so the exact model is no longer stationary in a parameter that changes
     # du/dt (the scale a). With the model's own instantaneous velocity as tangent it is.
     grad_a_conditional, grad_b, _ = _loss_gradient(OffsetScaleModel(), lam=1.0, tangent="conditional")

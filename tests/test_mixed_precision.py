@@ -1,5 +1,5 @@
 """The loss under autocast: du/dt is computed in float32 outside autocast, so a bf16 / fp16 step trains on the same
-derivative as a float32 step (issue 10: loss, mean |du/dt| and gradient norm within 5%), while the main forward
+derivative as a float32 step (loss, mean |du/dt| and gradient norm within 5%), while the main forward
 really runs in low precision. Also: ``pair_rows`` equals the plain loss on the explicitly paired batch."""
 
 import pytest

@@ -117,7 +117,7 @@ def test_relative_links_resolve(page):
     assert not missing, f"{page.relative_to(ROOT)} links to files that do not exist: {missing}"
 
 
-# "issue 12", "issue-10", "session 6": the history of the work is in git, not in the files
+# "issue" or "session" followed by a number: the history of the work is in git, not in the files
 NOTEBOOK_WORDS = re.compile(r"\b(issues? ?#?-?\d+|sessions? \d+)\b", re.I)
 
 

@@ -23,7 +23,7 @@ def test_training_lowers_one_step_distance(derivative):
     before = one_step_distance(model)
     loss_fn = ModularMeanFlowLoss(TimeSampler("uniform", r_neq_t_fraction=0.5), derivative=derivative)
     # lam = 0 (MeanFlow's loss): with the conditional tangent, lam -> 1 degrades one-step quality on this toy
-    # (DESIGN.md; measured here too: 0.46 at a linear warmup to 0.5 against 0.12 at lam = 0).
+    # (docs/design.md; measured here too: 0.46 at a linear warmup to 0.5 against 0.12 at lam = 0).
     schedule = LambdaSchedule.constant(0.0)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(1)

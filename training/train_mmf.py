@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tangent", choices=("conditional", "model"), default="model",
                    help="Direction of z in du/dt: the conditional velocity e - x (MeanFlow), or the model's own "
                    "stop-gradient velocity u(z_t, t, t) (one extra no-grad forward; it avoided the collapse of "
-                   "lam -> 1 measured in DESIGN.md, hence the default).")
+                   "lam -> 1 measured in docs/design.md, hence the default).")
     g.add_argument("--pair_rows", type=_bool01, default=None,
                    help="With --tangent model: as many r = t rows as there are r != t rows take those rows' (x, e, t), "
                    "so the model tangent u(z_t, t, t) is their own prediction instead of an extra no-grad forward "
