@@ -87,7 +87,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from run import fmt, pyplot, table  # the suite's helpers (run.py imports only the standard library)
+from report import fmt, pyplot, table  # standard library only; run.py imports this module, not the reverse
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)

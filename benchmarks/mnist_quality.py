@@ -42,7 +42,7 @@ from mmf_diffusers import MMFPipeline
 from mmf_diffusers.evaluation import Evaluator, generate, inception_available
 from mmf_diffusers.generate import cycled_labels
 from mmf_diffusers.offline_data import load_mnist
-from run import pyplot
+from report import pyplot
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import numbers
 import os
 import shlex
 import subprocess
@@ -37,6 +35,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+
+from report import fmt, pyplot, table  # noqa: E402  (benchmarks/ is on the path from here on)
 
 BENCHMARKS = ("training_cost", "sampling", "quality", "curriculum", "low_data_shift")
 
@@ -48,24 +48,6 @@ PRESETS = {
     "quality_steps": (1000, 4000),
     "curriculum_steps": (600, 1500), "seeds": (1, 3),
 }
-
-
-def fmt(x, digits=3):
-    """A table cell: None as "-", non-integer reals (numpy's included) to ``digits`` significant figures."""
-    if x is None:
-        return "-"
-    if isinstance(x, numbers.Real) and not isinstance(x, numbers.Integral):
-        x = float(x)
-        if math.isnan(x):
-            return "nan"
-        return f"{x:.0f}" if abs(x) >= 10 ** digits else f"{x:.{digits}g}"
-    return str(x)
-
-
-def table(header, rows):
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    lines += ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- benchmarks
@@ -175,19 +157,6 @@ def bench_low_data_shift(args):
 
 
 # ---------------------------------------------------------------- plots (matplotlib is optional)
-
-def pyplot():
-    """``matplotlib.pyplot`` with the non-interactive Agg backend, or None where matplotlib is not installed (every
-    benchmark's plots are optional)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
-
 
 def plot(name, result, out):
     plt = pyplot()
