@@ -83,9 +83,10 @@ def test_pair_rows_is_the_plain_loss_on_the_paired_batch(lam, derivative):
         out = loss_fn(model_fn, xi, lam, t=ti, r=ri, noise=ni)
         out.loss.backward()
         grads.append((out.per_sample.detach(), [p.grad.clone() for p in unet.parameters() if p.grad is not None]))
-    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-6)
-    # The tangent comes from a batch of another size, so float32 rounding differs by ~1e-7, and the finite
-    # difference's 1 / eps amplifies that in the lam = 1 gradient: compare the whole gradient, relative to its norm.
+    # The tangent comes from a batch of another size, so float32 rounding (the fused attention kernel's included)
+    # differs by ~1e-7, and the finite difference's 1 / eps amplifies that: 1e-4 on the per-sample loss, and the
+    # whole lam = 1 gradient compared relative to its norm.
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-4, atol=1e-6)
     g_pair, g_ref = (torch.cat([g.flatten() for g in gs[1]]) for gs in grads)
     assert ((g_pair - g_ref).norm() / g_ref.norm()).item() < 1e-4
 

@@ -43,8 +43,10 @@ forward and backward passes use the unwrapped modules, whose gradients DDP does 
 after a forward through the wrapper), and after the last micro-batch of a step every rank all-reduces (mean) one flat
 buffer holding all gradients plus the loss statistics. Either way every rank applies the same averaged gradient, so
 the parameters stay bit-identical (``--check_param_sync`` verifies it at every step).
-The randomness of the loss (t, r, noise) is drawn for the whole global batch from one generator that every rank
-seeds alike, and each rank takes its rows, so N processes with batch B follow a 1-process run with batch N * B.
+The randomness of the loss (t, r, noise) is drawn by each rank for its own rows, on its device, each row from a
+generator seeded by (one number drawn per micro-batch from a generator that every rank seeds alike, the row's index in
+the global batch), and which rows have r != t is a fixed pattern of that index: N processes with batch B follow a
+1-process run with batch N * B, and each rank has the same number of r != t rows at every step.
 On a CPU-only machine, ``accelerate launch --multi_gpu --num_processes 2 ...`` runs 2 processes over gloo (this
 script asks Accelerate for the CPU backend when no GPU is present; ``--cpu`` selects accelerate's single-process
 launcher).
@@ -255,10 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile the UNet's forward (the saved weights and the EMA are those of the plain "
                    "module). Only with --derivative finite_difference (inside torch.func.jvp it falls back to eager). "
                    "The first step compiles (minutes on a CPU).")
-    g.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default="no",
-                   help="Autocast precision (weights stay float32). du/dt is computed in float32 outside autocast "
-                   "(a difference of low-precision outputs is rounding noise; torch.func.jvp fails under autocast), "
-                   "so one step agrees with float32 within 0.1%% (benchmarks/derivative_precision.py).")
+    g.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None,
+                   help="Autocast precision of the main forward and backward (weights stay float32); du/dt is computed "
+                   "in float32 outside autocast with either estimator (a difference of low-precision outputs is "
+                   "rounding noise), so a step agrees with float32 (docs/mixed_precision.md). Default: accelerate's "
+                   "setting (accelerate config, or accelerate launch --mixed_precision), else no; when both are given "
+                   "this flag wins. accelerate runs fp16 in float32 on a CPU (no fp16 autocast there); bf16 works.")
 
     g = parser.add_argument_group("checkpoints, samples, logging")
     g.add_argument("--checkpointing_steps", type=int, default=500,
@@ -667,6 +671,7 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
     is_main = accelerator.is_main_process
     log = print if is_main else (lambda *a, **k: None)
     check_engine(accelerator, args.derivative, log)
+    resolve_mixed_precision(args, accelerator, log)
 
     # 2. resume target and seed (a resumed run keeps the checkpoint's seed: it fixes data order and noise)
     resume_path = None
@@ -837,13 +842,19 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
                                   adaptive_p=args.adaptive_p, adaptive_c=args.adaptive_c, tangent=args.tangent,
                                   pair_rows=args.pair_rows, adaptive_reduction=args.adaptive_reduction,
                                   guidance_w=args.cfg_w, guidance_kappa=args.cfg_kappa)
-    # One generator, seeded alike on every rank, draws (t, r, noise) for the whole global batch.
+    # One generator, seeded alike on every rank, draws one seed per micro-batch; (t, r, noise) of each row follow
+    # from it and the row's global index (draw_loss_randomness).
     loss_generator = torch.Generator().manual_seed(args.seed + 1)
     state = TrainingState(loss_generator)
 
     prepared, optimizer = prepare_for_training(accelerator, modules, optimizer, ema)
-    inner = accelerator.unwrap_model(prepared[0])
-    inner_conditioner = accelerator.unwrap_model(prepared[1]) if conditioner is not None else None
+    # Under --mixed_precision, prepare() wraps each module's forward in autocast (and casts outputs to float32); the
+    # loss's autocast(enabled=False) around du/dt cannot reach inside that wrapper. keep_fp32_wrapper=False strips it
+    # in place (DDP wraps the same module object): autocast then comes from the accelerator.autocast() around the
+    # loss call alone, so the main forward runs in low precision and du/dt in float32.
+    inner = accelerator.unwrap_model(prepared[0], keep_fp32_wrapper=False)
+    inner_conditioner = (accelerator.unwrap_model(prepared[1], keep_fp32_wrapper=False) if conditioner is not None
+                         else None)
     inner_modules = [inner] if inner_conditioner is None else [inner, inner_conditioner]
 
     def inner_parameters():
@@ -1054,7 +1065,7 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
                     batch, labels = batch
                 x = batch.to(accelerator.device)
                 t, r, noise, drop = draw_loss_randomness(
-                    loss_fn.time_sampler, loss_generator, global_batch, rank_rows, sample_shape, x.device, x.dtype,
+                    loss_fn.time_sampler, loss_generator, rank_rows, sample_shape, x.device, x.dtype,
                     label_dropout=args.label_dropout if labels is not None else None)
                 if modality is not None:
                     noise = modality.prepare_noise(x, noise)  # known entries and the mask channel stay at their data
@@ -1080,15 +1091,19 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
             raise TrainingDiverged(_diverged_message("loss", stats["loss"], global_step + 1, lam, args))
         grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm if args.max_grad_norm > 0 else math.inf)
         grad_norm = float(grad_norm)
-        if not math.isfinite(grad_norm) and args.mixed_precision != "fp16":  # fp16's scaler skips such steps itself
+        if not math.isfinite(grad_norm) and accelerator.scaler is None:  # fp16's gradient scaler skips such steps
             raise TrainingDiverged(_diverged_message("gradient norm", grad_norm, global_step + 1, lam, args))
         lr = lr_scheduler.get_last_lr()[0]
         optimizer.step()
-        lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        schedule.step()
-        if ema is not None:
-            ema.step(inner_parameters())
+        # fp16: the gradient scaler skips a step whose gradients overflowed (and lowers its scale); the weights did
+        # not move, so the LR schedule, the curriculum and the EMA stay where they are too.
+        skipped = bool(accelerator.optimizer_step_was_skipped)
+        if not skipped:
+            lr_scheduler.step()
+            schedule.step()
+            if ema is not None:
+                ema.step(inner_parameters())
         global_step += 1
         state.global_step = global_step
         if args.check_param_sync:
@@ -1097,7 +1112,7 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
         step_time, step_cpu = time.time() - step_start, time.process_time() - step_start_cpu
         record = {"step": global_step, "loss": stats["loss"], "mse": stats["mse"], "lam": lam,
                   "mean_abs_dudt": stats["mean_abs_dudt"], "frac_r_neq_t": stats["frac_r_neq_t"],
-                  "mean_weight": stats["mean_weight"], "grad_norm": grad_norm, "lr": lr,
+                  "mean_weight": stats["mean_weight"], "grad_norm": grad_norm, "lr": lr, "skipped": skipped,
                   "epoch": sampler.position(state.micro_batch - 1)[0], "step_time_s": step_time,
                   "step_cpu_s": step_cpu}
         if accelerator.device.type == "cuda":
@@ -1149,7 +1164,7 @@ def _latent_space(args, image_dataset, num_channels, accelerator, log, error_cla
     configuration of the checkpoint resumed from, whose VAE must be this one (checked before any encoding)."""
     cache_dir = args.latent_cache_dir or os.path.join(args.output_dir, "latent_cache")
     try:
-        vae = latent_lib.load_vae(args.vae_name_or_path, args.vae_subfolder)
+        vae = load_training_vae(args, accelerator.device)
         levels = None if args.pretrained_unet else len(args.block_out_channels)
         latent = latent_lib.LatentSpace(vae, args.resolution, num_channels, unet_levels=levels)
         changed = run_state.vae_conflicts(saved_config, latent.identity) if saved_config is not None else []
@@ -1211,20 +1226,21 @@ def prepare_for_training(accelerator, modules, optimizer, ema):
     return prepared, optimizer
 
 
-def draw_loss_randomness(time_sampler, generator, global_batch: int, rank_rows: slice, sample_shape, device, dtype,
-                         label_dropout=None):
-    """This rank's ``t, r`` ``(b,)``, ``noise`` ``(b, *sample_shape)`` and label-drop mask ``(b,)`` (None without
-    ``label_dropout``), ``b = rank_rows`` of the global batch. Everything is drawn for the whole global batch from
-    one CPU ``generator`` seeded alike on every rank (so N processes follow one, on any device), then moved to
-    ``device``; noise gets ``dtype``."""
+def draw_loss_randomness(time_sampler, generator, rank_rows: slice, sample_shape, device, dtype, label_dropout=None):
+    """This rank's ``t, r`` ``(b,)``, ``noise`` ``(b, *sample_shape)`` (of ``dtype``) and label-drop mask ``(b,)``
+    (None without ``label_dropout``), for the rows ``rank_rows`` of the global batch, drawn on ``device``.
+
+    One number per micro-batch comes from the CPU ``generator``, seeded alike on every rank (and saved with
+    checkpoints); each row's values come from that number and the row's global index
+    (`mmf_diffusers.loss.draw_row_randomness`), so N processes follow one process with the global batch, and each
+    rank draws only its own rows."""
     import torch
 
-    t, r = time_sampler(global_batch, generator=generator)
-    noise = torch.randn((global_batch, *sample_shape), generator=generator)
-    drop = None
-    if label_dropout is not None:
-        drop = (torch.rand(global_batch, generator=generator)[rank_rows] < label_dropout).to(device)
-    return (t[rank_rows].to(device), r[rank_rows].to(device), noise[rank_rows].to(device=device, dtype=dtype), drop)
+    from mmf_diffusers.loss import draw_row_randomness
+
+    base_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    rows = torch.arange(rank_rows.start, rank_rows.stop)
+    return draw_row_randomness(time_sampler, base_seed, rows, sample_shape, device, dtype, label_dropout)
 
 
 def _average_gradients(accelerator, params, extras):

@@ -67,21 +67,59 @@ def finite_difference_derivative(
 
     Needs no forward-mode AD, so it works with any attention kernel, under DDP and in mixed precision. With
     ``create_graph=True`` the gradient is ordinary backprop through the evaluations. The shifted times may leave
-    ``[0, 1]`` by ``eps``; the sinusoidal embedding is smooth there. Returns ``(u, du/dt)``.
+    ``[0, 1]`` by ``eps``; the sinusoidal embedding is smooth there. Returns ``(u, du/dt)``, ``u`` the evaluation at
+    ``(z, r, t)`` that the difference used.
+
+    A model that draws random numbers (dropout in train mode) must draw the same ones in the evaluations it
+    differences, or du/dt is the difference of two dropout masks divided by ``eps``: the evaluations start from one
+    state of the device's default generator. A given ``u`` is reused only if the shifted evaluation draws no random
+    numbers (else ``u`` is evaluated again with the shifted evaluation's draws).
     """
     if eps <= 0:
         raise ValueError(f"eps must be positive, got {eps}")
+    device = z.device
     with torch.set_grad_enabled(create_graph and torch.is_grad_enabled()):
+        start = _rng_state(device)
+        if central:
+            u_plus = model_fn(z + eps * v, r, t + eps)
+            _set_rng_state(device, start)
+            u_minus = model_fn(z - eps * v, r, t - eps)
+            if u is None:
+                u = model_fn(z, r, t)
+            return u, (u_plus - u_minus) / (2 * eps)
         if u is None:
             u = model_fn(z, r, t)
-        u_base = u if create_graph else u.detach()
-        u_plus = model_fn(z + eps * v, r, t + eps)
-        if central:
-            u_minus = model_fn(z - eps * v, r, t - eps)
-            dudt = (u_plus - u_minus) / (2 * eps)
+            _set_rng_state(device, start)
+            u_plus = model_fn(z + eps * v, r, t + eps)
         else:
-            dudt = (u_plus - u_base) / eps
+            u_plus = model_fn(z + eps * v, r, t + eps)
+            if start is not None and not torch.equal(_rng_state(device), start):
+                after = _rng_state(device)
+                _set_rng_state(device, start)
+                u = model_fn(z, r, t)  # the random numbers (dropout masks) of the shifted evaluation
+                _set_rng_state(device, after)
+        u_base = u if create_graph else u.detach()
+        dudt = (u_plus - u_base) / eps
     return u, dudt
+
+
+def _rng_state(device: torch.device) -> Optional[torch.Tensor]:
+    """The state of ``device``'s default random generator (None for devices without one, e.g. meta)."""
+    if device.type == "cpu":
+        return torch.get_rng_state()
+    module = getattr(torch, device.type, None)
+    if module is None or not hasattr(module, "get_rng_state"):
+        return None
+    return module.get_rng_state(device)
+
+
+def _set_rng_state(device: torch.device, state: Optional[torch.Tensor]) -> None:
+    if state is None:
+        return
+    if device.type == "cpu":
+        torch.set_rng_state(state)
+    else:
+        getattr(torch, device.type).set_rng_state(state, device)
 
 
 ESTIMATORS = {"jvp": jvp_derivative, "finite_difference": finite_difference_derivative}

@@ -116,9 +116,84 @@ class TimeSampler:
         r = torch.where(neq, r, t)
         return t, r
 
+    def neq_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Which rows have ``r != t`` when a batch is drawn row by row (`draw_row_randomness`): a fixed pattern of
+        the row index, so that any block of ``B`` consecutive rows holds ``floor(fraction * B + 1/2)`` of them, or
+        one less or more (exactly that many from row 0, and in every block when ``fraction * B`` is an integer).
+
+        ``rows``: long tensor of row indices in the (global) batch; returns a bool tensor of its shape. The
+        pattern spreads the rows evenly (e.g. fraction 0.25: rows 1, 5, 9, ...); with ``pair_rows`` it places them
+        on even rows 2j whose partner 2j + 1 follows (fraction 0.25: rows 0, 4, 8, ...). Which images get ``r != t``
+        is still random: the data order is.
+        """
+        rows = rows.long()
+        if self.pair_rows:
+            pairs = (rows // 2).double()
+            step = 2.0 * self.r_neq_t_fraction
+            on = torch.floor((pairs + 1) * step + 0.5) > torch.floor(pairs * step + 0.5)
+            return on & (rows % 2 == 0)
+        index = rows.double()
+        f = self.r_neq_t_fraction
+        return torch.floor((index + 1) * f + 0.5) > torch.floor(index * f + 0.5)
+
     def __repr__(self) -> str:
         return (f"TimeSampler(distribution={self.distribution!r}, mean={self.mean}, std={self.std}, "
                 f"r_neq_t_fraction={self.r_neq_t_fraction}, pair_rows={self.pair_rows})")
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(value: int) -> int:
+    """SplitMix64's finaliser: a well-spread 64-bit hash of a 64-bit integer."""
+    value = (value + 0x9E3779B97F4A7C15) & _MASK64
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return value ^ (value >> 31)
+
+
+def row_seed(base_seed: int, row: int) -> int:
+    """The seed of row ``row`` of a batch whose randomness has the seed ``base_seed`` (63 bits)."""
+    return _mix64(_mix64(int(base_seed) & _MASK64) ^ int(row)) >> 1
+
+
+def draw_row_randomness(
+    time_sampler: TimeSampler,
+    base_seed: int,
+    rows: torch.Tensor,
+    sample_shape,
+    device=None,
+    dtype: torch.dtype = torch.float32,
+    label_dropout: Optional[float] = None,
+):
+    """The loss's randomness for some rows of a batch, each row drawn on its own: ``(t, r, noise, drop)``.
+
+    Row ``i`` (``rows`` holds global row indices, shape ``(b,)``) takes two times, then a uniform for the label drop
+    (only with ``label_dropout``), then its noise ``(*sample_shape)``, from a generator on ``device`` seeded with
+    ``row_seed(base_seed, i)``; whether it has ``r != t`` is `TimeSampler.neq_rows`. So the rows of a batch do not
+    depend on which other rows are drawn beside them: N processes drawing their own rows (on their device) get
+    exactly the rows of one process drawing the whole batch, and the number of ``r != t`` rows of each process is
+    the same at every step (static shapes for torch.compile and GPUs).
+
+    Returns ``t``, ``r`` float32 ``(b,)`` with ``0 <= r <= t <= 1``, ``noise`` ``(b, *sample_shape)`` of ``dtype``
+    and ``drop`` bool ``(b,)`` (``u < label_dropout``; None without ``label_dropout``), all on ``device``. Values are
+    the same on every device of a type (CPU and CUDA generators differ).
+    """
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    rows = torch.as_tensor(rows, dtype=torch.long).reshape(-1)
+    times, noises, uniforms = [], [], []
+    for row in rows.tolist():
+        # The meta device (shapes only, used to check placement) has no generator.
+        generator = None if device.type == "meta" else torch.Generator(device).manual_seed(row_seed(base_seed, row))
+        times.append(time_sampler._draw(2, device, generator))
+        if label_dropout is not None:
+            uniforms.append(torch.rand(1, device=device, generator=generator))
+        noises.append(torch.randn(tuple(sample_shape), device=device, generator=generator, dtype=dtype))
+    pair = torch.stack(times)
+    t, r = pair.max(dim=1).values, pair.min(dim=1).values
+    r = torch.where(time_sampler.neq_rows(rows).to(device), r, t)
+    drop = torch.cat(uniforms) < label_dropout if label_dropout is not None else None
+    return t, r, torch.stack(noises), drop
 
 
 @dataclass

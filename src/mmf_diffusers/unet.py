@@ -7,7 +7,9 @@ time input with no custom model code. `mmf_diffusers.pipeline_mmf.unet_average_v
 
 Forward-mode AD (``torch.func.jvp``) through UNet2DModel's attention fails on CPU in torch 2.13 twice over: the
 fused SDPA kernel has no forward-AD formula, and ``group_norm``'s forward-AD rule fails on the non-contiguous
-attention output. `ForwardADAttnProcessor` forces the math SDPA backend and returns a contiguous tensor.
+attention output. `ForwardADAttnProcessor` forces the math SDPA backend and returns a contiguous tensor while forward
+AD is in progress, and is diffusers' SDPA processor otherwise: plain forwards (finite differences, sampling) keep the
+fused kernels (flash / memory-efficient attention on GPUs).
 """
 
 from __future__ import annotations
@@ -25,9 +27,18 @@ from .pipeline_mmf import DEFAULT_TIME_SCALE, install_class_embedding_cast, unet
 ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def forward_ad_in_progress() -> bool:
+    """Whether a forward-mode derivative is being computed (inside ``torch.func.jvp`` or
+    ``torch.autograd.forward_ad.dual_level``): both enter a dual level of torch's forward AD. A module-level integer,
+    so torch.compile guards on it instead of breaking the graph."""
+    return torch.autograd.forward_ad._current_level >= 0
+
+
 class ForwardADAttnProcessor(AttnProcessor2_0):
-    """diffusers' SDPA attention processor, restricted to the math backend and with a contiguous output, so that
-    ``torch.func.jvp`` (forward-mode AD) works through it. Numerically the same attention."""
+    """diffusers' SDPA attention processor, which under forward-mode AD (``torch.func.jvp``) is restricted to the math
+    backend and returns a contiguous output, so the jvp works through it (float64 inputs too). Otherwise it is exactly
+    `AttnProcessor2_0`: the default SDPA dispatch (fused kernels) and the same output. Numerically the same attention
+    either way, up to the kernels' rounding."""
 
     def __call__(
         self,
@@ -37,20 +48,36 @@ class ForwardADAttnProcessor(AttnProcessor2_0):
         attention_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        # float64 (reference computations) also takes the math kernel: the fused CPU kernel has no double backward
+        # (torch.autograd.functional.jvp needs one), and GPUs' fused kernels do not take float64 anyway.
+        if not (self.always_math or forward_ad_in_progress() or hidden_states.dtype == torch.float64):
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         with sdpa_kernel(SDPBackend.MATH):
             out = super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         return out.contiguous()
 
+    #: True: the math backend for every call (benchmarks/attention_kernels.py measures what that costs).
+    always_math = False
 
-def enable_forward_ad(model: torch.nn.Module) -> int:
-    """Give every `Attention` module of ``model`` a `ForwardADAttnProcessor`. Returns how many were changed.
+
+class MathAttnProcessor(ForwardADAttnProcessor):
+    """`ForwardADAttnProcessor` on the math SDPA backend for every call, as the project's UNets ran before the fused
+    kernels were kept for plain forwards; for comparisons (benchmarks/attention_kernels.py) and bit-exact checks."""
+
+    always_math = True
+
+
+def enable_forward_ad(model: torch.nn.Module, processor_class=None) -> int:
+    """Give every `Attention` module of ``model`` a `ForwardADAttnProcessor` (or ``processor_class()``). Returns how
+    many were changed.
 
     UNet2DModel has no ``set_attn_processor``, so this walks the modules.
     """
+    processor_class = processor_class or ForwardADAttnProcessor
     count = 0
     for module in model.modules():
         if isinstance(module, Attention):
-            module.set_processor(ForwardADAttnProcessor())
+            module.set_processor(processor_class())
             count += 1
     return count
 
@@ -61,7 +88,8 @@ def prepare_unet_for_mmf(unet: UNet2DModel) -> UNet2DModel:
     Raises a ValueError for a UNet without the second-time slot or with Fourier time features (they take
     ``log(t)`` and divide by ``t``, so ``t = 0`` or ``h = 0`` breaks). The slot is ``class_embed_type="timestep"``
     (unconditional) or ``"identity"`` (class-conditional, fed by an `MMFConditioner`). Installs
-    `ForwardADAttnProcessor` and the class-embedding dtype cast (see `install_class_embedding_cast`). Returns the same
+    `ForwardADAttnProcessor` (fused SDPA kernels, the math backend only under forward AD) and the class-embedding
+    dtype cast (see `install_class_embedding_cast`). Returns the same
     module.
     """
     config = unet.config
