@@ -1180,6 +1180,12 @@ def _latent_space(args, image_dataset, num_channels, accelerator, log, error_cla
     return latent
 
 
+def load_training_vae(args, device):
+    """The frozen VAE of --vae_name_or_path on the training ``device``: it encodes the latent cache there, and the
+    sample grids decode the device's latents with it."""
+    return latent_lib.load_vae(args.vae_name_or_path, args.vae_subfolder).to(device)
+
+
 def _tensorboard_tracker(accelerator):
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
@@ -1199,6 +1205,27 @@ def check_engine(accelerator, derivative: str, log=print) -> None:
         raise ConfigError(f"--derivative {derivative} cannot run under accelerate's {engine} (torch.func.jvp cannot go "
                           "through the wrapper, and the hand-written gradient all-reduce needs unsharded parameters); "
                           "use --derivative finite_difference")
+
+
+def resolve_mixed_precision(args, accelerator, log=print) -> None:
+    """Record the precision accelerate applies in ``args.mixed_precision`` and say where it came from.
+
+    ``accelerate launch`` without a configuration sets ACCELERATE_MIXED_PRECISION=no and prints that it "was set to a
+    value of 'no'"; the script's own ``--mixed_precision`` is passed to the Accelerator and wins, so a differing
+    value is reported here rather than left to that message. On a CPU accelerate has no fp16 autocast (nor gradient
+    scaler): the run is float32, and the log says so."""
+    requested = args.mixed_precision
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    args.mixed_precision = str(accelerator.mixed_precision)
+    if requested is not None and launcher is not None and launcher != requested:
+        log(f"Mixed precision: {requested} (this script's --mixed_precision; it overrides accelerate's '{launcher}', "
+            "a default if accelerate launch said so)")
+    if args.mixed_precision == "fp16" and not accelerator.native_amp:
+        log(f"Note: accelerate has no fp16 autocast on {accelerator.device.type}: this run computes in float32 (bf16 "
+            "autocast works on CPUs)")
+    if args.modality == "trajectory" and args.mixed_precision != "no":
+        raise ConfigError(f"--mixed_precision {args.mixed_precision} (accelerate's setting) is not supported with "
+                          "--modality trajectory: pass --mixed_precision no")
 
 
 def uses_hand_reduce(derivative: str) -> bool:
