@@ -35,8 +35,6 @@ import shutil
 import sys
 from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 
-from diffusers import DiffusionPipeline
-from diffusers.pipelines.pipeline_loading_utils import LOADABLE_CLASSES
 from huggingface_hub import HfApi, get_token, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects  # upload_folder's own ignores
@@ -91,6 +89,8 @@ def _pipeline_class(index: Dict[str, Any], where: PathLike) -> type:
     class_name = (index.get(PACKAGE_LAYOUT_KEY) or {}).get("_class_name", index.get("_class_name"))
     if not isinstance(class_name, str):
         raise ValueError(f"{where}/{MODEL_INDEX} has _class_name {class_name!r} and no {PACKAGE_LAYOUT_KEY} entry")
+    from diffusers import DiffusionPipeline  # here, not at import: `mmf-push --help` needs neither torch nor diffusers
+
     cls = getattr(importlib.import_module(PACKAGE), class_name, None)
     if not (isinstance(cls, type) and issubclass(cls, DiffusionPipeline)):
         raise ValueError(f"{where} holds a {class_name}, which is not a pipeline of {PACKAGE}")
@@ -168,6 +168,8 @@ def add_remote_code(folder: PathLike) -> Dict[str, Any]:
     ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``. Running it again refreshes the copies from
     the installed package.
     """
+    from diffusers.pipelines.pipeline_loading_utils import LOADABLE_CLASSES
+
     index = _read_model_index(folder)
     layout = dict(index.get(PACKAGE_LAYOUT_KEY) or {})
 
