@@ -27,6 +27,9 @@ _EXPORTS = {
     "build_mmf_unet": ".unet", "enable_forward_ad": ".unet", "prepare_unet_for_mmf": ".unet",
     "unet_model_fn": ".unet",
     "build_mmf_unet1d": ".unet1d", "trajectory_model_fn": ".unet1d",
+    "DIT_SIZES": ".dit", "add_dit_class_conditioning": ".dit", "build_mmf_dit": ".dit", "convert_stock_dit": ".dit",
+    "convert_stock_dit_class_conditional": ".dit", "dit_model_fn": ".dit", "prepare_dit_for_mmf": ".dit",
+    "MMFDiTTransformer2DModel": ".transformer_mmf",
 }
 
 
@@ -61,14 +64,19 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     from .scheduling_mmf import MMFScheduler, MMFSchedulerOutput  # noqa: F401
     from .unet import (ForwardADAttnProcessor, add_class_conditioning, add_second_time_embedding,  # noqa: F401
                        build_mmf_unet, enable_forward_ad, prepare_unet_for_mmf, unet_model_fn)
+    from .dit import (DIT_SIZES, add_dit_class_conditioning, build_mmf_dit, convert_stock_dit,  # noqa: F401
+                      convert_stock_dit_class_conditional, dit_model_fn, prepare_dit_for_mmf)
+    from .transformer_mmf import MMFDiTTransformer2DModel  # noqa: F401
     from .unet1d import build_mmf_unet1d, trajectory_model_fn  # noqa: F401
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DIT_SIZES",
     "ForwardADAttnProcessor",
     "LambdaSchedule",
     "MMFConditioner",
+    "MMFDiTTransformer2DModel",
     "MMFLossOutput",
     "MMFPipeline",
     "MMFScheduler",
@@ -78,12 +86,18 @@ __all__ = [
     "TimeSampler",
     "TrajectoryPipelineOutput",
     "add_class_conditioning",
+    "add_dit_class_conditioning",
     "add_second_time_embedding",
+    "build_mmf_dit",
     "build_mmf_unet",
     "build_mmf_unet1d",
+    "convert_stock_dit",
+    "convert_stock_dit_class_conditional",
+    "dit_model_fn",
     "enable_forward_ad",
     "finite_difference_derivative",
     "jvp_derivative",
+    "prepare_dit_for_mmf",
     "prepare_unet_for_mmf",
     "sg_lambda",
     "trajectory_average_velocity",
