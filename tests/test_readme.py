@@ -46,3 +46,66 @@ def test_example_runs(page, index, block, tmp_path):
     proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, env=env,
                           timeout=300)
     assert proc.returncode == 0, f"{page}, Python block {index}:\n{proc.stderr[-3000:]}"
+
+
+# ------------------------------------------------------------------ the commands of the ```bash blocks
+def bash_commands(text: str) -> list[str]:
+    """Each command line of the ```bash blocks, continuation lines joined and comments dropped."""
+    commands = []
+    for block in re.findall(r"^```bash\n(.*?)^```", text, flags=re.S | re.M):
+        joined = re.sub(r"\\\n\s*", " ", block)
+        for line in joined.splitlines():
+            line = re.sub(r"(^|\s)#.*$", "", line).strip()
+            if line:
+                commands.append(line)
+    return commands
+
+
+def _parsers():
+    sys.path.insert(0, str(ROOT / "training"))
+    try:
+        import train_mmf
+        import train_vae
+    finally:
+        sys.path.remove(str(ROOT / "training"))
+    from mmf_diffusers import demo, evaluation, generate, hub
+
+    return {"train_mmf.py": train_mmf.build_parser(), "train_vae.py": train_vae.build_parser(),
+            "mmf-generate": generate.build_parser(), "mmf-evaluate": evaluation.build_parser(),
+            "mmf-push": hub._parser(), "mmf-demo": demo.build_parser()}
+
+
+def unknown_flags(text: str, parsers) -> tuple[list[str], int]:
+    """(the --flags of the known commands in ``text``'s bash blocks that their parser lacks, how many commands)."""
+    import shlex
+
+    unknown, checked = [], 0
+    for command in bash_commands(text):
+        tokens = shlex.split(command.replace('"$@"', ""))
+        for start, token in enumerate(tokens):
+            name = Path(token).name
+            if name not in parsers:
+                continue
+            options = parsers[name]._option_string_actions
+            for arg in tokens[start + 1:]:
+                if arg in ("&&", "||", ";", "|"):
+                    break
+                if arg.startswith("--") and arg.split("=", 1)[0] not in options:
+                    unknown.append(f"{name} {arg}")
+            checked += 1
+    return unknown, checked
+
+
+def test_documented_command_flags_exist():
+    """Every --flag that README.md or docs/*.md passes to the training scripts or the mmf-* commands is one of
+    theirs (a renamed or removed flag fails here, not in a reader's terminal)."""
+    parsers = _parsers()
+    probe = "```bash\naccelerate launch --multi_gpu training/train_mmf.py --use_ema \\\n    --no_such_flag 1  # --x\n```\n"
+    assert unknown_flags(probe, parsers) == (["train_mmf.py --no_such_flag"], 1)
+    unknown, checked = [], 0
+    for page in PAGES:
+        found, count = unknown_flags(page.read_text(), parsers)
+        unknown += [f"{page.relative_to(ROOT)}: {item}" for item in found]
+        checked += count
+    assert checked >= 10, checked
+    assert not unknown, unknown
