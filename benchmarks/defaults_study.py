@@ -338,6 +338,53 @@ def run_row(dataset: str, name: str, seed: int, budget: Dict, workdir: str, json
         return row
 
 
+def adaptive_check(pipeline: str, reference: str, n: int = 512, seed: int = 0) -> Dict:
+    """How far apart the two definitions of the adaptive weight are on a trained model's own errors.
+
+    Draws ``n`` images of ``reference`` (with their labels if the pipeline is class-conditional), times as in
+    training (logit-normal(-0.4, 1), 25% r != t) and noise, and takes each sample's summed squared error ``S`` of the
+    MMF loss (lam 0, model tangent, finite differences). Returns ``D``, quantiles of ``S`` and, for p = 0.5 and 1,
+    the largest relative difference between the per-sample weights ``1 / (S + c)^p`` (sum) and ``1 / (S + c D)^p``
+    (the mean's weight, rescaled by ``D^p``), each normalised to batch mean 1: 0 means the two weight the samples alike
+    (the losses then differ by a constant factor ``D^(1 - p)`` alone)."""
+    import numpy as np
+    import torch
+
+    from mmf_diffusers import ModularMeanFlowLoss, TimeSampler
+    from mmf_diffusers.offline_data import load_reference
+    from mmf_diffusers.pipeline_mmf import MMFPipeline
+    from mmf_diffusers.unet import unet_model_fn
+
+    torch.set_num_threads(1)
+    pipe = MMFPipeline.from_pretrained(pipeline)
+    if getattr(pipe, "vae", None) is not None:
+        raise ValueError("--adaptive-check takes a pixel-space pipeline")
+    images, labels = load_reference(reference)
+    g = np.random.default_rng(seed)
+    pick = g.choice(len(images), size=n, replace=False)
+    size = pipe.unet.config.sample_size
+    x = torch.from_numpy(images[pick]).float().div(127.5).sub(1.0)[:, None]
+    if x.shape[-1] != size:
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
+    conditioner = getattr(pipe, "conditioner", None)
+    fn = unet_model_fn(pipe.unet, pipe.config.time_scale, pipe.config.second_time, conditioner=conditioner)
+    kwargs = {}
+    if conditioner is not None:
+        kwargs = {"class_labels": torch.from_numpy(labels[pick]), "null_label": conditioner.null_label}
+    loss_fn = ModularMeanFlowLoss(TimeSampler("logit_normal", -0.4, 1.0, 0.25), derivative="finite_difference",
+                                  tangent="model", adaptive_p=0.0, adaptive_reduction="sum")
+    with torch.no_grad():
+        total = loss_fn(fn, x, 0.0, generator=torch.Generator().manual_seed(seed), **kwargs).per_sample.double()
+    dim, c = x[0].numel(), 1e-3
+    out = {"pipeline": pipeline, "reference": reference, "n": n, "D": dim,
+           "S_quantiles": {q: float(total.quantile(q)) for q in (0.0, 0.01, 0.1, 0.5, 0.9)}, "c": c, "c_times_D": c * dim}
+    for p in (0.5, 1.0):
+        w_sum, w_mean = 1 / (total + c) ** p, 1 / (total + c * dim) ** p
+        w_sum, w_mean = w_sum / w_sum.mean(), w_mean / w_mean.mean()
+        out[f"max_rel_weight_difference_p{p:g}"] = float(((w_mean - w_sum).abs() / w_sum).max())
+    return out
+
+
 HEADLINE = {"checkerboard": ("sw_1step", "sw_2step"), "digits": ("fd_1step", "fd_2step"),
             "mnist": ("fd_1step", "fd_2step"), "latent-mnist": ("fd_1step", "fd_2step")}
 
@@ -381,6 +428,9 @@ def main(argv=None) -> int:
                         help="override a budget entry, e.g. checkerboard.steps=20 (tests); such rows get their own key")
     parser.add_argument("--table", action="store_true", help="print the table of the rows in --json, train nothing")
     parser.add_argument("--plan", action="store_true", help="list the rows and which are done, train nothing")
+    parser.add_argument("--adaptive-check", nargs=2, metavar=("PIPELINE", "REFERENCE"), default=None,
+                        help="train nothing: how far the 'mean' and 'sum' adaptive weights differ on a trained "
+                        "pixel-space pipeline's own per-sample errors (REFERENCE: mnist-test, sklearn-digits, ...)")
     args = parser.parse_args(argv)
     budgets = {k: dict(v) for k, v in BUDGETS.items()}
     for item in args.budget:
@@ -394,6 +444,9 @@ def main(argv=None) -> int:
             budgets[dataset][key] = [int(x) for x in value.split()] if isinstance(old, list) else type(old)(value)
         except ValueError:
             parser.error(f"--budget {item!r}: {value!r} is not a valid {type(old).__name__}")
+    if args.adaptive_check:
+        print(json.dumps(adaptive_check(*args.adaptive_check), indent=1))
+        return 0
     if args.table:
         print(table(load_rows(args.json)))
         return 0
