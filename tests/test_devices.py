@@ -22,7 +22,7 @@ from mmf_diffusers import TimeSampler, build_mmf_unet  # noqa: E402
 
 
 class MetaAccelerator:
-    """What train_mmf.prepare_for_training needs of an Accelerator, with ``device`` = meta."""
+    """What engine.prepare_for_training needs of an Accelerator, with ``device`` = meta."""
 
     device = torch.device("meta")
 
@@ -38,16 +38,23 @@ def tiny_unet():
 def test_the_ema_follows_the_model_to_the_accelerator_device():
     from diffusers.training_utils import EMAModel
 
-    unet = tiny_unet()
-    ema = EMAModel(unet.parameters(), decay=0.9, model_cls=type(unet), model_config=unet.config)
-    optimizer = torch.optim.AdamW(unet.parameters())
-    assert {p.device.type for p in ema.shadow_params} == {"cpu"}  # built where the parameters were
-    (prepared,), _ = train_mmf.prepare_for_training(MetaAccelerator(), [unet], optimizer, ema)
-    assert {p.device.type for p in prepared.parameters()} == {"meta"}
-    assert {p.device.type for p in ema.shadow_params} == {"meta"}
-    ema.step(prepared.parameters())  # the first EMA update of the training loop
-    assert {p.device.type for p in ema.shadow_params} == {"meta"}
-    assert train_mmf.prepare_for_training(MetaAccelerator(), [tiny_unet()], optimizer, None)[0][0].device.type == "meta"
+    import engine as engine_lib
+
+    def make_ema(parameters):
+        return EMAModel(parameters, decay=0.9)
+
+    # Built from the prepared module's parameters (DDP, FSDP2's shards), or (ZeRO-3) from the whole weights before
+    # prepare and then moved: either way the shadow weights live where the parameters do.
+    for ema_before in (False, True):
+        unet = tiny_unet()
+        optimizer = torch.optim.AdamW(unet.parameters())
+        prepared, _, ema = engine_lib.prepare_for_training(MetaAccelerator(), unet, optimizer, make_ema, ema_before)
+        assert {p.device.type for p in prepared.parameters()} == {"meta"}
+        assert {p.device.type for p in ema.shadow_params} == {"meta"}
+        ema.step(prepared.parameters())  # the first EMA update of the training loop
+        assert {p.device.type for p in ema.shadow_params} == {"meta"}
+    prepared, _, ema = engine_lib.prepare_for_training(MetaAccelerator(), tiny_unet(), optimizer, None)
+    assert prepared.device.type == "meta" and ema is None
 
 
 @pytest.mark.parametrize("dropout", [None, 0.5])
@@ -81,10 +88,13 @@ def test_loss_randomness_is_drawn_per_rank_on_the_device(dropout):
 def test_a_conditioner_follows_the_model_to_the_accelerator_device():
     from mmf_diffusers import add_class_conditioning
 
+    import engine as engine_lib
+
     unet, conditioner = add_class_conditioning(tiny_unet(), 3, label_init_std=1.0)
-    optimizer = torch.optim.AdamW(list(unet.parameters()) + list(conditioner.parameters()))
-    prepared, _ = train_mmf.prepare_for_training(MetaAccelerator(), [unet, conditioner], optimizer, None)
-    assert [{p.device.type for p in m.parameters()} for m in prepared] == [{"meta"}, {"meta"}]
+    model = engine_lib.combine(unet, conditioner, 1000.0, "h")  # one module for accelerate's engines
+    optimizer = torch.optim.AdamW(model.parameters())
+    prepared, _, _ = engine_lib.prepare_for_training(MetaAccelerator(), model, optimizer)
+    assert [{p.device.type for p in m.parameters()} for m in engine_lib.split(prepared)] == [{"meta"}, {"meta"}]
 
 
 def test_the_vae_and_the_sample_grid_live_on_the_training_device(tmp_path):

@@ -93,15 +93,15 @@ def test_jvp_is_refused_where_it_cannot_run():
     """jvp's hand-written all-reduce needs whole gradients on every rank: refused under FSDP / DeepSpeed (accelerate
     1.15 cannot run FSDP on CPU processes, so the check itself is tested), and torch.compile does not apply inside
     torch.func.jvp."""
-    import types
-
+    import engine as engine_lib
     import train_mmf
 
-    for engine in ("FSDP", "DEEPSPEED"):
-        with pytest.raises(train_mmf.ConfigError, match=f"jvp cannot run under accelerate's {engine}"):
-            train_mmf.check_engine(types.SimpleNamespace(distributed_type=f"DistributedType.{engine}"), "jvp")
-        train_mmf.check_engine(types.SimpleNamespace(distributed_type=f"DistributedType.{engine}"), "finite_difference")
-    train_mmf.check_engine(types.SimpleNamespace(distributed_type="DistributedType.MULTI_GPU"), "jvp")
+    for kind in ("FSDP", "DEEPSPEED"):
+        name = engine_lib.engine_name(f"DistributedType.{kind}")
+        with pytest.raises(engine_lib.EngineError, match=f"jvp cannot run under accelerate's {kind}"):
+            engine_lib.refuse_derivative(name, "jvp")
+        engine_lib.refuse_derivative(name, "finite_difference")
+    engine_lib.refuse_derivative(engine_lib.engine_name("DistributedType.MULTI_GPU"), "jvp")
     with pytest.raises(SystemExit):
         train_mmf.parse_args(["--dataset_name", "sklearn-digits", "--derivative", "jvp", "--torch_compile"])
     args = train_mmf.parse_args(["--dataset_name", "sklearn-digits", "--derivative", "finite_difference",
