@@ -107,3 +107,51 @@ def test_pair_rows_errors():
         TimeSampler(r_neq_t_fraction=0.5, pair_rows=True)(3)
     t, r = TimeSampler(r_neq_t_fraction=0.5, pair_rows=True)(16, generator=torch.Generator().manual_seed(1))
     assert bool((t[1::2] == r[1::2]).all()) and int((t[0::2] > r[0::2]).sum()) == 8
+
+
+def dropout_unet(p: float = 0.5):
+    torch.manual_seed(0)
+    return build_mmf_unet(sample_size=8, in_channels=1, block_out_channels=(8, 16), norm_num_groups=4,
+                          attention_head_dim=4, dropout=p)
+
+
+def test_finite_differences_difference_one_dropout_mask():
+    """In train mode with dropout, du/dt by finite differences is the derivative of the network with one dropout mask:
+    both evaluations draw the same random numbers, even when the loss hands in ``u`` from its main forward (which
+    drew another mask). Reference: a float64 central difference at eps 1e-6 with the mask fixed by seeding each
+    evaluation alike."""
+    unet = dropout_unet().double().train()
+    model_fn = unet_model_fn(unet)
+    g = torch.Generator().manual_seed(1)
+    z, v = torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64), torch.randn(4, 1, 8, 8, generator=g,
+                                                                                   dtype=torch.float64)
+    t = torch.tensor([0.9, 0.6, 0.5, 0.8], dtype=torch.float64)
+    r = t * 0.3
+
+    def masked(z_, t_, seed=7):
+        torch.manual_seed(seed)
+        return model_fn(z_, r, t_)
+
+    with torch.no_grad():
+        h = 1e-6
+        reference = (masked(z + h * v, t + h) - masked(z - h * v, t - h)) / (2 * h)
+        u_other_mask = masked(z, t, seed=3)
+        torch.manual_seed(7)
+        _, dudt = finite_difference_derivative(model_fn, z, r, t, v, create_graph=False, u=u_other_mask, eps=1e-3)
+        naive = (masked(z + 1e-3 * v, t + 1e-3) - u_other_mask) / 1e-3  # two masks: what the difference was
+    error = ((dudt - reference).norm() / reference.norm()).item()
+    assert error < 3e-2, error  # the forward difference's O(eps) error
+    assert ((naive - reference).norm() / reference.norm()).item() > 10
+
+
+def test_the_loss_with_dropout_in_train_mode_sees_the_derivative_of_eval_mode_size():
+    unet = dropout_unet()
+    x, noise, t, r = batch()
+    loss_fn = ModularMeanFlowLoss(derivative="finite_difference", tangent="model")
+    dudt = {}
+    for mode in ("eval", "train"):
+        getattr(unet, mode)()
+        with torch.no_grad():
+            dudt[mode] = loss_fn(unet_model_fn(unet), x, 0.0, t=t, r=r, noise=noise).stats["mean_abs_dudt"]
+    # Two masks differenced over eps = 1e-3 gave a mean |du/dt| hundreds of times the eval-mode one.
+    assert dudt["train"] < 3 * dudt["eval"], dudt

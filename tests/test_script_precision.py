@@ -187,3 +187,59 @@ def test_two_processes_in_bf16_match_one_process_in_float32(tmp_path, derivative
     assert_close_to_float32(two, ref, f"2 processes {derivative} bf16")
     for key in KEYS:
         assert two[key] == pytest.approx(one[key], rel=1e-2), key
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# static shapes: torch.compile compiles once per mode
+
+
+def test_every_rank_has_the_same_number_of_r_neq_t_rows_at_every_step():
+    """The rows with r != t are a fixed pattern of the row's index in the global batch, so each rank's count (the
+    batch size of the derivative forward) never changes from one micro-batch to the next, and N ranks x B rows get
+    the rows of one process x N B."""
+    from mmf_diffusers import TimeSampler
+
+    for pair_rows, fraction, batch, ranks in ((False, 0.25, 8, 4), (False, 0.3, 6, 3), (True, 0.25, 8, 2),
+                                              (True, 0.5, 4, 3)):
+        sampler = TimeSampler(r_neq_t_fraction=fraction, pair_rows=pair_rows)
+        generator = torch.Generator().manual_seed(0)
+        counts = set()
+        for _ in range(5):  # micro-batches
+            state = generator.get_state()
+            whole = train_mmf.draw_loss_randomness(sampler, generator, slice(0, batch * ranks), (1, 2, 2), "cpu",
+                                                   torch.float32)
+            per_rank = []
+            for rank in range(ranks):
+                generator.set_state(state)
+                t, r, noise, _ = train_mmf.draw_loss_randomness(sampler, generator, slice(rank * batch, (rank + 1) *
+                                                                                         batch), (1, 2, 2), "cpu",
+                                                                torch.float32)
+                assert torch.equal(t, whole[0][rank * batch:(rank + 1) * batch])
+                assert torch.equal(noise, whole[2][rank * batch:(rank + 1) * batch])
+                per_rank.append(int((t > r).sum()))
+                if pair_rows:  # r != t only on even rows 2j, whose partner 2j + 1 has r = t
+                    assert bool((t[1::2] == r[1::2]).all())
+            counts.add(tuple(per_rank))
+        assert len(counts) == 1, (pair_rows, fraction, counts)
+        assert sum(next(iter(counts))) == int(fraction * batch * ranks + 0.5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_torch_compile_compiles_each_mode_once(tmp_path, precision, fresh_accelerate, monkeypatch):
+    """--torch_compile through the script with a counting backend (torch._dynamo's CompileCounter, which runs the
+    graphs eagerly): 3 steps compile exactly 2 UNet graphs, the main forward (with gradient, under autocast with bf16)
+    and the finite difference's shifted forward (no gradient, float32, the r != t rows), and nothing recompiles."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: real_compile(model, backend=counter))
+    torch._dynamo.reset()
+    try:
+        records = run(tmp_path / "run", "--torch_compile", "--mixed_precision", precision, steps=3)
+    finally:
+        torch._dynamo.reset()
+    assert sorted(records) == [1, 2, 3]
+    assert counter.frame_count == 2, counter.frame_count
