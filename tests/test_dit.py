@@ -389,3 +389,44 @@ def test_training_step_makes_the_second_time_matter(derivative, lam):
     with torch.no_grad():
         difference = (fn(z, torch.zeros_like(t), t) - fn(z, t, t)).abs().max()
     assert difference > 1e-4
+
+
+def test_gradient_checkpointing_works_with_finite_differences_not_with_a_differentiable_jvp():
+    # Activation checkpointing (what large DiTs train with) recomputes each block in the backward pass. Finite
+    # differences are plain forwards: the same loss and gradients with it. A jvp with gradients through the tangent
+    # (lam > 0) saves different tensors under forward AD than in the recomputation, and torch refuses.
+    x, noise, r, t = inputs(seed=1)
+    grads = {}
+    for checkpointing in (False, True):
+        model = tiny_dit(second_time_std=0.5).train()
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        fn = dit_model_fn(model)
+        out = ModularMeanFlowLoss(derivative="finite_difference")(fn, x, 1.0, t=t, r=r, noise=noise)
+        grads[checkpointing] = torch.autograd.grad(out.loss, list(model.parameters()))
+    for a, b in zip(grads[False], grads[True]):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(torch.utils.checkpoint.CheckpointError):
+        ModularMeanFlowLoss(derivative="jvp")(fn, x, 1.0, t=t, r=r, noise=noise).loss.backward()
+
+
+# --- the cost benchmark ---------------------------------------------------------------------------------------------
+
+
+def test_dit_step_cost_benchmark_smoke(tmp_path):
+    import importlib.util
+    import json
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "dit_step_cost.py")
+    spec = importlib.util.spec_from_file_location("dit_step_cost", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "cost.json"
+    result = bench.main(["--steps", "1", "--warmup", "0", "--batch", "4", "--sample_size", "8", "--channels", "1",
+                         "--layers", "1", "--heads", "2", "--head_dim", "8", "--json", str(out)])
+    assert json.loads(out.read_text()) == result
+    rows = {(r["config"], r["attention"]): r for r in result["rows"]}
+    assert set(rows) == {(c, a) for c in bench.LOSSES for a in bench.ATTENTIONS}
+    assert rows[("flow_matching", "sdpa")]["ratio_to_flow_matching"] == 1.0
+    assert all(r["median_ms"] > 0 for r in rows.values())
