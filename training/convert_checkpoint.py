@@ -33,6 +33,8 @@ def convert(folder: str) -> str:
     import torch
     from safetensors.torch import save_file
 
+    if not os.path.isdir(folder):
+        raise ValueError(f"{folder} is not a checkpoint folder")
     pickles = sorted(glob.glob(os.path.join(folder, "custom_checkpoint_*.pkl")))
     indices = sorted(int(os.path.basename(p)[len("custom_checkpoint_"):-len(".pkl")]) for p in pickles)
     if indices not in ([0, 1, 2], [0, 1, 2, 3]):
@@ -50,8 +52,13 @@ def convert(folder: str) -> str:
                              f"{str(error).splitlines()[0] if str(error) else ''}); not converted") from None
     position = states["position"]
     generator = position.get("generator") if isinstance(position, dict) else None
-    if not (torch.is_tensor(generator) and generator.dtype == torch.uint8):
+    if not (torch.is_tensor(generator) and generator.dtype == torch.uint8) or not all(
+            isinstance(position.get(k), int) for k in ("global_step", "micro_batch")):
         raise ValueError(f"{folder}: custom_checkpoint_2.pkl is not the run position the older script saved")
+    ema = states.get("ema")
+    if ema is not None and not (isinstance(ema, dict) and isinstance(ema.get("shadow_params"), (list, tuple))
+                                and all(torch.is_tensor(p) for p in ema["shadow_params"])):
+        raise ValueError(f"{folder}: custom_checkpoint_3.pkl is not the EMA state the older script saved")
     tensors = {"loss_generator": generator}
     ema = states.get("ema")
     if ema is not None:
@@ -61,7 +68,10 @@ def convert(folder: str) -> str:
     payload = {"format": run_state.FORMAT, "curriculum": states["curriculum"], "lr_scheduler": states["lr_scheduler"],
                "position": {"global_step": int(position["global_step"]), "micro_batch": int(position["micro_batch"])},
                "ema": ema}
-    text = json.dumps(run_state._json_safe(payload, "state"), indent=2, sort_keys=True, allow_nan=False)
+    try:
+        text = json.dumps(run_state._json_safe(payload, "state"), indent=2, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as error:  # e.g. a tensor where the older script saved a number
+        raise ValueError(f"{folder}: the pickled state is not what the older script saved ({error}); not converted")
     tmp_json, tmp_tensors = (os.path.join(folder, f".{name}.tmp") for name in (run_state.STATE_JSON,
                                                                                run_state.STATE_TENSORS))
     with open(tmp_json, "w", encoding="utf-8") as f:
@@ -77,7 +87,8 @@ def convert(folder: str) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="convert_checkpoint.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoints", nargs="+", help="checkpoint-<step> folders written by an older train_mmf.py")
+    parser.add_argument("checkpoints", nargs="+", help="checkpoint-<step> folders written by an older train_mmf.py "
+                        "(each is converted in place; the exit status is 2 if any is refused)")
     args = parser.parse_args(argv)
     status = 0
     for folder in args.checkpoints:

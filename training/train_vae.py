@@ -36,6 +36,11 @@ if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
 import data as data_lib  # noqa: E402  (numpy + PIL only)
+from output_dir import output_dir_problem  # noqa: E402  (standard library only)
+
+#: Upper bounds: beyond them the run asks for absurd memory or time up front (as train_mmf.py's FLAG_LIMITS).
+LIMITS = {"resolution": 4096, "layers_per_block": 16, "latent_channels": 1024, "norm_num_groups": 1024,
+          "train_batch_size": 65536, "max_train_steps": 10**9, "scale_images": 10**7}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,7 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_images", type=int, default=None, help="Use only the first N images (default: all).")
     parser.add_argument("--scale_images", type=int, default=2048, help="Images whose latents set scaling_factor.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the init, data order and posterior samples.")
-    parser.add_argument("--output_dir", default="vae", help="Where the AutoencoderKL is saved.")
+    parser.add_argument("--output_dir", default="vae",
+                        help="Where the AutoencoderKL is saved. A folder that already holds one is refused unless "
+                        "--overwrite_output_dir is given.")
+    parser.add_argument("--overwrite_output_dir", action="store_true",
+                        help="Replace the VAE (config.json, weights, vae_report.json) in --output_dir.")
     return parser
 
 
@@ -75,6 +84,23 @@ def validate(args) -> None:
         raise ValueError(f"--block_out_channels {bad} not divisible by --norm_num_groups {args.norm_num_groups}")
     if not (args.kl_weight >= 0 and math.isfinite(args.kl_weight)):
         raise ValueError(f"--kl_weight must be >= 0, got {args.kl_weight}")
+    if not (args.learning_rate > 0 and math.isfinite(args.learning_rate)):
+        raise ValueError(f"--learning_rate must be a positive number, got {args.learning_rate}")
+    for name, limit in LIMITS.items():
+        if getattr(args, name) > limit:
+            raise ValueError(f"--{name} must be <= {limit:g}, got {getattr(args, name)}")
+    if len(args.block_out_channels) > 8 or max(args.block_out_channels) > 4096:
+        raise ValueError(f"--block_out_channels: at most 8 levels of at most 4096 channels, got {args.block_out_channels}")
+    if args.max_images is not None and args.max_images < 1:
+        raise ValueError(f"--max_images must be a positive integer, got {args.max_images}")
+    if not 0 <= args.seed < 2**32:
+        raise ValueError(f"--seed must be in [0, 2**32 - 1], got {args.seed}")
+    problem = output_dir_problem(args.output_dir)
+    if problem:
+        raise ValueError(problem)
+    if os.path.isfile(os.path.join(args.output_dir, "config.json")) and not args.overwrite_output_dir:
+        raise ValueError(f"--output_dir {args.output_dir} already holds a model (config.json): pass "
+                         "--overwrite_output_dir to replace it, or choose another --output_dir")
 
 
 def load_images(args):
@@ -96,6 +122,17 @@ def main(argv=None) -> int:
         validate(args)
     except ValueError as error:
         parser.error(str(error))
+    try:
+        return train(args)
+    except data_lib.DataError as error:
+        print(f"train_vae.py: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # the VAE is written only at the end: nothing half-written, nothing to resume
+        print(f"\ntrain_vae.py: interrupted: nothing was saved to {args.output_dir}", file=sys.stderr)
+        return 130
+
+
+def train(args) -> int:
     import numpy as np
     import torch
     from diffusers import AutoencoderKL

@@ -91,9 +91,11 @@ def safetensors_problem(path: str) -> Optional[str]:
     return None
 
 
-def checkpoint_problem(path: str, required: Iterable[str] = ()) -> Optional[str]:
-    """Why the checkpoint folder ``path`` cannot be resumed, or None: `METADATA_FILE` must parse as a JSON object,
-    every file of ``required`` must exist and be non-empty, and every ``*.safetensors`` file must be whole."""
+def checkpoint_problem(path: str, required: Iterable[str] = (),
+                       metadata_check: Optional[Callable[[Dict[str, Any]], Optional[str]]] = None) -> Optional[str]:
+    """Why the checkpoint folder ``path`` cannot be resumed, or None: `METADATA_FILE` must parse as a JSON object
+    (that ``metadata_check``, if given, finds no problem with), every file of ``required`` must exist and be
+    non-empty, and every ``*.safetensors`` file must be whole."""
     try:
         meta = read_metadata(path)
     except FileNotFoundError:
@@ -102,6 +104,9 @@ def checkpoint_problem(path: str, required: Iterable[str] = ()) -> Optional[str]
         return f"{METADATA_FILE} is unreadable ({error})"
     if not isinstance(meta, dict):
         return f"{METADATA_FILE} is not a JSON object"
+    problem = metadata_check(meta) if metadata_check is not None else None
+    if problem:
+        return problem
     for name in required:
         file = os.path.join(path, name)
         if not os.path.isfile(file) or os.path.getsize(file) == 0:
@@ -115,7 +120,8 @@ def checkpoint_problem(path: str, required: Iterable[str] = ()) -> Optional[str]
 
 
 def latest_checkpoint(output_dir: str, required: Iterable[str] = (),
-                      on_skip: Optional[Callable[[str, str], None]] = None) -> Optional[str]:
+                      on_skip: Optional[Callable[[str, str], None]] = None,
+                      metadata_check: Optional[Callable[[Dict[str, Any]], Optional[str]]] = None) -> Optional[str]:
     """Path of the newest complete checkpoint that `checkpoint_problem` finds intact, or None.
 
     A damaged newer checkpoint (a file lost or truncated after its commit, e.g. by a full disk or a manual copy) is
@@ -123,7 +129,7 @@ def latest_checkpoint(output_dir: str, required: Iterable[str] = (),
     """
     required = tuple(required)
     for _, path in reversed(list_checkpoints(output_dir)):
-        problem = checkpoint_problem(path, required)
+        problem = checkpoint_problem(path, required, metadata_check)
         if problem is None:
             return path
         if on_skip is not None:

@@ -38,6 +38,8 @@ from .space import write_space  # noqa: F401  (mmf_diffusers.demo.write_space, a
 
 MAX_STEPS = 8
 MAX_IMAGES = 64
+#: Guidance scales beyond this are no longer guidance but noise (the training script bounds --cfg_w alike).
+MAX_GUIDANCE = 100.0
 DEFAULT_IMAGES = 16
 NO_LABEL = "none"
 #: The class choice that gives image ``i`` class ``i mod K`` (the grid shows every class).
@@ -93,6 +95,8 @@ def parse_guidance_scale(value) -> Optional[float]:
         raise ValueError(f"the guidance scale must be a number (or empty), got {value!r}") from None
     if isinstance(value, bool) or not math.isfinite(scale):
         raise ValueError(f"the guidance scale must be a finite number (or empty), got {value!r}")
+    if abs(scale) > MAX_GUIDANCE:
+        raise ValueError(f"the guidance scale must be between -{MAX_GUIDANCE:g} and {MAX_GUIDANCE:g}, got {scale:g}")
     return scale
 
 
@@ -313,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
     parser.add_argument("--server-port", type=port_number, default=7860, help="port (default 7860)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.epilog = (f"Bounds: at most {MAX_IMAGES} images and {MAX_STEPS} steps per request, one request at a time. "
+                     "A Hub id is first checked with one request (no retries) that ends within MMF_HUB_TIMEOUT seconds "
+                     "(default 30, at most 600).")
     return parser
 
 
@@ -325,10 +332,26 @@ def main(argv: Optional[List[str]] = None) -> int:
     problem = pipeline_argument_problem(args.pipeline) or port_problem(args.server_name, args.server_port)
     if problem:
         parser.exit(2, f"mmf-demo: error: {problem}\n")
+    from .generate import device_problem
+
+    problem = device_problem(args.device)
+    if problem:
+        parser.exit(2, f"mmf-demo: error: {problem}\n")
+    if not os.path.isdir(args.pipeline):  # fail fast: one request, not five retries with back-off
+        from .hub_timeouts import hub_preflight
+
+        try:
+            problem = hub_preflight(args.pipeline)
+        except ValueError as error:  # e.g. a bad MMF_HUB_TIMEOUT
+            problem = str(error)
+        if problem:
+            parser.exit(1, f"mmf-demo: error: cannot load {args.pipeline}: {problem}\n")
     try:
         demo = build_demo(args.pipeline, device=args.device)
-    except (OSError, ValueError) as error:  # e.g. a repo id that is not on the Hub, a folder of another class
-        parser.exit(1, f"mmf-demo: error: cannot load {args.pipeline}: {error}\n")
+    except Exception as error:  # noqa: BLE001 - a repo id that is not on the Hub, a folder of another class, ...
+        text = str(error).strip().splitlines()
+        parser.exit(1, f"mmf-demo: error: cannot load {args.pipeline}: {type(error).__name__}: "
+                       f"{text[0] if text else ''}\n")
     demo.queue(default_concurrency_limit=1)  # one request at a time: a CPU has no room for two
     demo.launch(server_name=args.server_name, server_port=args.server_port, ssr_mode=False)
     return 0

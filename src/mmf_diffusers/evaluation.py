@@ -239,16 +239,17 @@ def default_cache_dir() -> str:
     return os.path.join(base, "mmf_diffusers", "reference_stats")
 
 
-def reference_images(reference: str, num_images: Optional[int] = None, size: Optional[int] = None):
+def reference_images(reference: str, num_images: Optional[int] = None, size: Optional[int] = None, data=None):
     """``num_images`` images of a reference set (all if None), resized to ``size``, as float32
     ``(N, 1, size, size)`` in ``[-1, 1]``. A subset is drawn by a fixed permutation (``default_rng(0)``), not taken
     from the front: the first 5000 MNIST test images come from other writers than the last 5000 (cleaner, as
-    MNIST's documentation says; FD-MNISTCNN between the two halves is 35.6, between random halves 2.4)."""
+    MNIST's documentation says; FD-MNISTCNN between the two halves is 35.6, between random halves 2.4). ``data``:
+    the set's ``(images, labels)`` if already loaded."""
     import torch
 
     from .offline_data import load_reference
 
-    images, _ = load_reference(reference)
+    images, _ = data if data is not None else load_reference(reference)
     if num_images is not None:
         if num_images > len(images):
             raise ValueError(f"{reference} has {len(images)} images, fewer than the {num_images} asked for")
@@ -258,19 +259,49 @@ def reference_images(reference: str, num_images: Optional[int] = None, size: Opt
     return torch.from_numpy(images.astype(np.float32) / 127.5 - 1.0)[:, None]
 
 
+class StatsCacheError(ValueError):
+    """A cached reference-statistics file that is unreadable, pickled or of the wrong shape."""
+
+
+def read_cached_statistics(path: str, dim: int):
+    """``(mu, sigma)`` from a cache file written by `reference_statistics`, checked: an ``.npz`` of two finite float
+    arrays of shapes ``(dim,)`` and ``(dim, dim)``, read without unpickling anything. Raises `StatsCacheError`."""
+    def refuse(why: str):
+        raise StatsCacheError(f"the cached reference statistics {path} {why}; delete the file to compute them again")
+
+    try:
+        stats = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        refuse(f"are unreadable ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})")
+    if not isinstance(stats, np.lib.npyio.NpzFile):
+        refuse("are not an .npz archive")
+    with stats:
+        try:
+            mu, sigma = stats["mu"], stats["sigma"]
+        except (KeyError, OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+            refuse(f"are unreadable or pickled ({type(error).__name__}: "
+                   f"{str(error).splitlines()[0] if str(error) else ''})")
+    if mu.dtype.kind != "f" or sigma.dtype.kind != "f" or mu.shape != (dim,) or sigma.shape != (dim, dim):
+        refuse(f"hold arrays {mu.dtype}{list(mu.shape)} and {sigma.dtype}{list(sigma.shape)}, not float [{dim}] and "
+               f"[{dim}, {dim}]")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        refuse("hold non-finite numbers")
+    return mu, sigma
+
+
 def reference_statistics(features, reference: str, num_images: Optional[int], size: int,
-                         cache_dir: Optional[str] = None, log=print):
+                         cache_dir: Optional[str] = None, log=print, data=None):
     """``(mu, sigma)`` of ``features`` on ``num_images`` images of a reference set (None: all), read from or
-    written to ``{cache_dir}/{features.name}-{fingerprint}_{reference}_n{num_images or "all"}_{size}px.npz``."""
+    written to ``{cache_dir}/{features.name}-{fingerprint}_{reference}_n{num_images or "all"}_{size}px.npz``
+    (`read_cached_statistics` checks a cached file). ``data``: the set's ``(images, labels)`` if already loaded."""
     from .metrics import gaussian_statistics
 
     cache_dir = cache_dir or default_cache_dir()
     count = "all" if num_images is None else str(num_images)
     path = os.path.join(cache_dir, f"{features.name}-{features.fingerprint}_{reference}_n{count}_{size}px.npz")
     if os.path.isfile(path):
-        with np.load(path) as stats:
-            return stats["mu"], stats["sigma"]
-    images = reference_images(reference, num_images, size)
+        return read_cached_statistics(path, features.dim)
+    images = reference_images(reference, num_images, size, data)
     log(f"computing reference statistics of {reference} ({len(images)} images, {size}px, {features.name}) once ...")
     start = time.time()
     mu, sigma = gaussian_statistics(features(images))
@@ -291,7 +322,7 @@ class Evaluator:
     """Scores image sets ``(N, C, H, W)`` in ``[-1, 1]`` against one reference set with the chosen metrics."""
 
     def __init__(self, metrics: Sequence[str], reference: str, size: int, reference_size: Optional[int] = None,
-                 cache_dir: Optional[str] = None, device: str = "cpu", log=print):
+                 cache_dir: Optional[str] = None, device: str = "cpu", log=print, reference_data=None):
         unknown = [m for m in metrics if m not in METRICS]
         if unknown:
             raise ValueError(f"unknown metric(s) {unknown}; choose from {METRICS}")
@@ -302,6 +333,7 @@ class Evaluator:
         self._stats: Dict[str, tuple] = {}
         self._pixels = None
         self._bandwidth: Optional[float] = None
+        self._reference_data = reference_data  # (images, labels) of the reference set, if already loaded
 
     def _network(self, metric: str):
         kind = "inception" if metric == "fid" else "mnistcnn"
@@ -310,9 +342,17 @@ class Evaluator:
             self._networks[kind] = cls(device=self._device)
         return self._networks[kind]
 
+    def prepare_reference(self) -> None:
+        """Load (or compute and cache) the reference statistics that the metrics need, before any sampling: a
+        damaged cache file is refused (`StatsCacheError`) before the work of generating samples."""
+        for metric in self.metrics:
+            if metric in ("fid", "fd-mnistcnn") and metric not in self._stats:
+                self._stats[metric] = reference_statistics(self._network(metric), self.reference, self.reference_size,
+                                                           self.size, self.cache_dir, self.log, self._reference_data)
+
     def _reference_pixels(self):
         if self._pixels is None:
-            self._pixels = reference_images(self.reference, self.reference_size, self.size)
+            self._pixels = reference_images(self.reference, self.reference_size, self.size, self._reference_data)
         return self._pixels
 
     def score(self, images, requested_digits=None) -> Dict[str, object]:
@@ -328,7 +368,8 @@ class Evaluator:
                 network = self._network(metric)
                 if metric not in self._stats:
                     self._stats[metric] = reference_statistics(network, self.reference, self.reference_size,
-                                                               self.size, self.cache_dir, self.log)
+                                                               self.size, self.cache_dir, self.log,
+                                                               self._reference_data)
                 mu, sigma = gaussian_statistics(network(images))
                 value: object = frechet_distance(mu, sigma, *self._stats[metric])
             elif metric == "mmd-pixels":
@@ -365,9 +406,18 @@ class Evaluator:
 # The command
 
 
+#: Bounds of the command's sizes: beyond them a request is a mistake that would run for days or exhaust memory (50k
+#: samples is the usual FID-50k; the step bound is mmf-generate's).
+MAX_IMAGES = 50000
+MAX_STEPS = 1000
+MAX_STEP_COUNTS = 16
+MAX_BATCH_SIZE = 4096
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .generate import finite_float as _finite_float
     from .generate import positive_int as _positive_int
+    from .generate import seed_int as _seed_int
     from .offline_data import REFERENCE_SETS
 
     parser = argparse.ArgumentParser(
@@ -375,23 +425,32 @@ def build_parser() -> argparse.ArgumentParser:
         description="Score samples of a Modular MeanFlow pipeline at several step counts against a reference set.")
     parser.add_argument("--pipeline", required=True, help="a pipeline folder (with model_index.json) or Hub repo id")
     parser.add_argument("--num-images", type=_positive_int, default=1000,
-                        help="samples per step count (default 1000); compare only numbers made with equal counts")
+                        help=f"samples per step count (default 1000, at most {MAX_IMAGES}); compare only numbers made "
+                             "with equal counts")
     parser.add_argument("--steps", type=_positive_int, nargs="+", default=[1, 2, 4],
-                        help="network evaluations per image, one evaluation each (default 1 2 4)")
+                        help=f"network evaluations per image, one evaluation each (default 1 2 4; each at most "
+                             f"{MAX_STEPS}, at most {MAX_STEP_COUNTS} values)")
     parser.add_argument("--metric", nargs="+", choices=METRICS, default=["fd-mnistcnn"],
                         help="metrics (default fd-mnistcnn); see `python -c 'import mmf_diffusers.evaluation as e; "
                              "help(e)'` for their definitions")
     parser.add_argument("--reference", choices=REFERENCE_SETS, default="mnist-test",
                         help="reference images (default mnist-test)")
     parser.add_argument("--reference-size", type=_positive_int, default=None,
-                        help="use N reference images, a fixed random subset (default: all). Their FID statistics cost about "
-                             "0.25 s per image once (all 10k of mnist-test: ~40 min on one CPU core), then are cached")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise, the same for every step count")
-    parser.add_argument("--batch-size", type=_positive_int, default=250, help="images per pipeline call (default 250)")
+                        help="use N reference images, a fixed random subset (default: all; at most the size of the "
+                             "set: mnist-train 50000, mnist-validation and mnist-test 10000, sklearn-digits 1797). Their "
+                             "FID statistics cost about 0.25 s per image once (all 10k of mnist-test: ~40 min on one CPU "
+                             "core), then are cached")
+    parser.add_argument("--seed", type=_seed_int, default=0,
+                        help="seed of the initial noise, the same for every step count (0 .. 2**63 - 1, default 0)")
+    parser.add_argument("--batch-size", type=_positive_int, default=250,
+                        help=f"images per pipeline call (default 250, at most {MAX_BATCH_SIZE})")
     parser.add_argument("--output", default="evaluation.json",
-                        help="JSON file for the results (default evaluation.json)")
+                        help="JSON file for the results (default evaluation.json). An existing file is not replaced "
+                             "unless --overwrite is given")
+    parser.add_argument("--overwrite", action="store_true", help="replace the --output file if it exists")
     parser.add_argument("--stats-cache", default=None, help=f"folder for cached reference statistics "
-                                                             f"(default {default_cache_dir()})")
+                                                             f"(default {default_cache_dir()}); a damaged cache file is "
+                                                             "refused, not used: delete it to recompute")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--class-labels", choices=("cycle", "none", "random"), default=None,
                         help="class-conditional pipelines: 'cycle' (default) asks for the classes in turn, image i for "
@@ -471,12 +530,37 @@ def main(argv: Optional[List[str]] = None) -> int:
     problem = output_file_problem(args.output, extensions=(".json",))
     if problem:
         parser.exit(2, f"mmf-evaluate: error: {problem}\n")
+    if os.path.exists(args.output) and not args.overwrite:
+        parser.exit(2, f"mmf-evaluate: error: --output {args.output} exists; pass --overwrite to replace it, or name "
+                       "another --output\n")
+    for flag, value, limit in (("--num-images", args.num_images, MAX_IMAGES), ("--batch-size", args.batch_size,
+                               MAX_BATCH_SIZE), ("--steps", max(args.steps), MAX_STEPS),
+                               ("the number of --steps values", len(args.steps), MAX_STEP_COUNTS)):
+        if value > limit:
+            parser.exit(2, f"mmf-evaluate: error: {flag} must be <= {limit}, got {value}\n")
+    if args.stats_cache is not None and os.path.exists(args.stats_cache) and not os.path.isdir(args.stats_cache):
+        parser.exit(2, f"mmf-evaluate: error: --stats-cache {args.stats_cache} is a file, not a folder\n")
     two = [m for m in args.metric if m in NEED_TWO_IMAGES]
     if two and args.num_images < 2:
         parser.exit(2, f"mmf-evaluate: error: {', '.join(two)} fit a covariance or pair images, which needs "
                        f"--num-images >= 2 (got {args.num_images})\n")
     if args.reference_size is not None and two and args.reference_size < 2:
         parser.exit(2, f"mmf-evaluate: error: {', '.join(two)} need --reference-size >= 2\n")
+    from .offline_data import load_reference
+
+    try:  # once, before any sampling: a missing, crafted or damaged file is refused here, in one line
+        reference_data = load_reference(args.reference)
+    except (OSError, ValueError) as error:
+        parser.exit(2, f"mmf-evaluate: error: cannot read --reference {args.reference}: "
+                       f"{str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}\n")
+    available = len(reference_data[0])
+    if args.reference_size is not None and args.reference_size > available:
+        parser.exit(2, f"mmf-evaluate: error: --reference-size {args.reference_size} is more than the {available} "
+                       f"images of {args.reference}\n")
+    if "swd-pixels" in args.metric and min(args.reference_size or available, available) < args.num_images:
+        parser.exit(2, f"mmf-evaluate: error: swd-pixels pairs each sample with a reference image: --num-images "
+                       f"{args.num_images} needs at least as many reference images ({args.reference} "
+                       f"{'--reference-size ' + str(args.reference_size) if args.reference_size else 'has ' + str(available)})\n")
 
     pipe = load_pipeline(args.pipeline, args.device, "mmf-evaluate")
     pipe.set_progress_bar_config(disable=True)
@@ -500,12 +584,29 @@ def main(argv: Optional[List[str]] = None) -> int:
                        "digits, sampled with --class-labels cycle\n")
     import torch
 
-    evaluator = Evaluator(args.metric, args.reference, size, args.reference_size, args.stats_cache, args.device)
+    evaluator = Evaluator(args.metric, args.reference, size, args.reference_size, args.stats_cache, args.device,
+                          reference_data=reference_data)
+    try:
+        evaluator.prepare_reference()
+    except (StatsCacheError, OSError) as error:
+        parser.exit(2, f"mmf-evaluate: error: {error}\n")
     rows = []
     for steps in args.steps:
         start = time.time()
-        images = generate(pipe, args.num_images, steps, args.seed, args.batch_size, args.device, labels,
-                          args.guidance_scale)
+        try:
+            images = generate(pipe, args.num_images, steps, args.seed, args.batch_size, args.device, labels,
+                              args.guidance_scale)
+        except (RuntimeError, TypeError, ValueError) as error:  # out of memory, a folder whose parts do not fit
+            from .generate import is_non_finite_output
+
+            if is_non_finite_output(error):
+                print(f"mmf-evaluate: error: the images at {steps} step(s) are not finite (NaN/inf): the pipeline's "
+                      "weights or config are broken; nothing written", file=sys.stderr)
+                return 1
+            text = str(error).strip().splitlines()
+            print(f"mmf-evaluate: error: generation at {steps} step(s) failed: {type(error).__name__}: "
+                  f"{text[0] if text else ''}; nothing written", file=sys.stderr)
+            return 1
         bad = int((~torch.isfinite(images).flatten(1).all(1)).sum())
         if bad:  # a score of NaN images is no score: stop before writing one
             print(f"mmf-evaluate: error: {bad} of {len(images)} images at {steps} step(s) are not finite (NaN/inf): "
@@ -523,8 +624,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         "class_labels": None if labels is None else "cycle", "guidance_scale": args.guidance_scale,
         "metric_names": {m: METRIC_LABELS[m] for m in args.metric}, "rows": rows,
     }
-    with open(args.output, "w") as f:
+    tmp = f"{args.output}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
         json.dump(result, f, indent=2)
+    os.replace(tmp, args.output)  # whole or not at all
     print(f"\n{args.num_images} samples per row against {args.reference} "
           f"({'all' if args.reference_size is None else args.reference_size} images, {size}px):")
     print(format_table(rows, args.metric))

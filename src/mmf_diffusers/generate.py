@@ -28,6 +28,21 @@ def finite_float(text: str) -> float:
     return value
 
 
+#: Seeds are whole numbers in [0, MAX_SEED] (what torch.Generator.manual_seed takes without wrapping around).
+MAX_SEED = 2**63 - 1
+
+
+def seed_int(text: str) -> int:
+    """argparse type: a seed, a whole number in ``[0, MAX_SEED]``."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"a seed must be between 0 and 2**63 - 1, got {text}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """argparse type: a positive integer, with a clear message otherwise."""
     try:
@@ -89,23 +104,97 @@ def output_file_problem(output: str, extensions=IMAGE_EXTENSIONS) -> Optional[st
     return None
 
 
+def device_problem(device: str) -> Optional[str]:
+    """Why ``device`` cannot run a pipeline here (not a torch device, a backend this torch build lacks or has no
+    device for, an index past the devices present), or None. Imports torch."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        return f"--device {device!r} is not a torch device; e.g. cpu, cuda, cuda:1, mps"
+    kind = parsed.type
+    if kind == "cpu":
+        return None
+    backend = {"cuda": torch.cuda, "mps": getattr(torch.backends, "mps", None),
+               "xpu": getattr(torch, "xpu", None)}.get(kind)
+    if backend is None:
+        return f"--device {device}: this command runs on cpu, cuda, mps or xpu, not {kind}"
+    if not backend.is_available():
+        if kind == "cuda" and torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+            return f"--device {device}: this torch build has no CUDA (a CPU build); use --device cpu"
+        return f"--device {device}: no {kind} device is available here; use --device cpu"
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if parsed.index is not None and parsed.index >= count:
+        return f"--device {device}: there {'is' if count == 1 else 'are'} only {count} {kind} device(s)"
+    return None
+
+
+def pipeline_problem(pipe) -> Optional[str]:
+    """Why a loaded folder is not a pipeline these commands can sample from (a scheduler of another kind, a UNet
+    whose ``sample_size`` does not go through its own down- and up-sampling), or None. Checked before sampling so
+    that the answer is one line, not a shape error from deep inside the UNet."""
+    from .scheduling_mmf import MMFScheduler
+
+    kinds = (MMFScheduler,)
+    try:  # diffusers >= 0.39: the same z_r = z_t - (t - r) u step
+        from diffusers import FlowMapEulerDiscreteScheduler
+
+        kinds += (FlowMapEulerDiscreteScheduler,)
+    except ImportError:
+        pass
+    scheduler = getattr(pipe, "scheduler", None)
+    if not isinstance(scheduler, kinds):
+        return (f"its scheduler is a {type(scheduler).__name__}, not the MMFScheduler (or FlowMapEulerDiscreteScheduler)"
+                " that MMF sampling needs (scheduler/scheduler_config.json and the 'scheduler' entry of "
+                "model_index.json)")
+    config = getattr(getattr(pipe, "unet", None), "config", None)
+    blocks = getattr(config, "down_block_types", None)
+    size = getattr(config, "sample_size", None)
+    if blocks is not None and getattr(config, "_class_name", "UNet2DModel") == "UNet2DModel":
+        factor = 2 ** (len(blocks) - 1)
+        sizes = size if isinstance(size, (list, tuple)) else (size, size)
+        if not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 and s % factor == 0 for s in sizes):
+            return (f"its UNet's sample_size {size!r} cannot go through its {len(blocks)} levels: it must be a "
+                    f"positive multiple of 2**{len(blocks) - 1} = {factor} (unet/config.json)")
+    return None
+
+
 def load_pipeline(pipeline: str, device: str, prog: str):
-    """``MMFPipeline.from_pretrained(pipeline).to(device)``, or SystemExit(2) with a one-line reason: a damaged or
-    foreign folder, a Hub repo that does not exist or does not answer (every Hub request has a time limit:
-    `mmf_diffusers.hub_timeouts`, MMF_HUB_TIMEOUT), an unknown device."""
+    """``MMFPipeline.from_pretrained(pipeline).to(device)``, or SystemExit(2) with a one-line reason: an unknown or
+    absent device (checked first), a damaged or foreign folder (`pipeline_problem`), a Hub repo that does not exist
+    or does not answer (every Hub request has a time limit: `mmf_diffusers.hub_timeouts`, MMF_HUB_TIMEOUT)."""
+    problem = device_problem(device)
+    if problem:
+        _fail(prog, problem)
     from . import MMFPipeline  # the package's name: imports every component class that a folder may name
-    from .hub_timeouts import quiet_loading, use_hub_timeouts
+    from .hub_timeouts import hub_preflight, quiet_loading, use_hub_timeouts
 
     try:
         use_hub_timeouts()
+        problem = None if os.path.isdir(pipeline) else hub_preflight(pipeline)  # one try, not five with back-off
+    except Exception as error:  # noqa: BLE001 - e.g. a bad MMF_HUB_TIMEOUT
+        problem = _one_line(error)
+    if problem:
+        _fail(prog, f"cannot load the pipeline {pipeline}: {problem}")
+    try:
         with quiet_loading() if os.path.isdir(pipeline) else contextlib.nullcontext():  # downloads keep their bars
             pipe = MMFPipeline.from_pretrained(pipeline)
     except Exception as error:  # noqa: BLE001 - diffusers and the Hub raise many kinds; each becomes one line
         _fail(prog, f"cannot load the pipeline {pipeline}: {_one_line(error)}")
+    problem = pipeline_problem(pipe)
+    if problem:
+        _fail(prog, f"cannot use the pipeline {pipeline}: {problem}")
     try:
         return pipe.to(device)
-    except (RuntimeError, ValueError, TypeError) as error:
+    except (RuntimeError, ValueError, TypeError, AssertionError) as error:
         _fail(prog, f"--device {device}: {_one_line(error)}")
+
+
+def is_non_finite_output(error: BaseException) -> bool:
+    """Whether ``error`` is the pipelines' refusal of a non-finite sample made from finite inputs (a ValueError
+    whose message says "non-finite values"), rather than a bad argument."""
+    return isinstance(error, ValueError) and "produced non-finite values" in str(error)
 
 
 def _fail(prog: str, message: str):
@@ -129,14 +218,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--pipeline", required=True,
                         help="a pipeline folder (with model_index.json), e.g. pipelines/mmf-digits, or a Hub repo id")
-    parser.add_argument("--num-images", type=positive_int, default=16, help="how many images (default 16)")
-    parser.add_argument("--steps", type=positive_int, default=1, help="network evaluations per image (default 1)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
+    parser.add_argument("--num-images", type=positive_int, default=16,
+                        help=f"how many images (default 16, at most {MAX_IMAGES})")
+    parser.add_argument("--steps", type=positive_int, default=1,
+                        help=f"network evaluations per image (default 1, at most {MAX_STEPS})")
+    parser.add_argument("--seed", type=seed_int, default=0, help="seed of the initial noise, 0 .. 2**63 - 1 (default 0)")
     parser.add_argument("--output", default="samples.png", help="where to write the image grid, a .png (or .jpg, .webp) file (default samples.png)")
     parser.add_argument("--nrow", type=positive_int, default=None, help="images per row (default: about square)")
     parser.add_argument("--upscale", type=positive_int, default=None,
                         help="integer upscaling of each image in the grid, nearest neighbour "
-                             "(default: enough to make small images at least 64 px)")
+                             f"(default: enough to make small images at least 64 px; at most {MAX_UPSCALE})")
     parser.add_argument("--save-individual", action="store_true", help="also write each image as its own PNG")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--class-labels", nargs="+", default=None, metavar="LABEL",
@@ -227,7 +318,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         array = pipe(num_images=args.num_images, num_inference_steps=args.steps, generator=generator,
                      output_type="np", **extra).images
     except ValueError as error:  # e.g. an unknown class name: the pipeline's message lists the known ones
-        parser.exit(2, f"mmf-generate: error: {error}\n")
+        if is_non_finite_output(error):  # broken weights or config, not a bad request: status 1, as below
+            print("mmf-generate: error: the images are not finite (NaN/inf): the pipeline's weights or config are "
+                  "broken; nothing written", file=sys.stderr)
+            return 1
+        parser.exit(2, f"mmf-generate: error: {_one_line(error).split(': ', 1)[-1]}\n")
+    except (RuntimeError, TypeError) as error:  # e.g. out of memory, or a folder whose parts do not fit together
+        parser.exit(1, f"mmf-generate: error: generation failed: {_one_line(error)}\n")
     bad = int((~np.isfinite(array).reshape(len(array), -1).all(axis=1)).sum())
     if bad:  # a NaN image would be written as black: say so instead, and write nothing
         print(f"mmf-generate: error: {bad} of {len(array)} images are not finite (NaN/inf): the pipeline's weights "
