@@ -45,6 +45,26 @@ def refuse_pickled_state(folder: str) -> None:
             f"convert it first (safely): python training/convert_checkpoint.py {folder}")
 
 
+#: What train_mmf.py reads from a checkpoint's training_state.json (mmf_diffusers.checkpointing.METADATA_FILE).
+METADATA_TYPES = {"global_step": int, "global_batch_size": int, "num_samples": int, "use_ema": bool, "config": dict}
+
+
+def metadata_problem(meta: Any) -> Optional[str]:
+    """Why a checkpoint's parsed ``training_state.json`` cannot be resumed (a key missing or of the wrong type, a
+    configuration without its seed), or None."""
+    if not isinstance(meta, dict):
+        return f"training_state.json is not a JSON object but a {type(meta).__name__}"
+    for key, kind in METADATA_TYPES.items():
+        if key not in meta:
+            return f"training_state.json lacks {key!r} (not written by this script, or edited)"
+        if not isinstance(meta[key], kind) or (kind is int and isinstance(meta[key], bool)):
+            return f"training_state.json has {key!r} of type {type(meta[key]).__name__}, not {kind.__name__}"
+    seed = meta["config"].get("seed")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        return "the configuration in training_state.json has no integer 'seed'"
+    return None
+
+
 def _json_safe(value: Any, where: str) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"{where} holds the non-finite number {value}")

@@ -34,6 +34,9 @@ Output (``--output_dir``):
                                   steps after its checkpoint again; the last record of a step is the valid one)
     logs/train_mmf/               tensorboard events
     training_config.json          the resolved configuration (the Hub token is never written)
+A folder that holds an earlier run is refused unless ``--resume_from_checkpoint`` (continue it) or
+``--overwrite_output_dir`` (remove it first) says what to do. Ctrl-C (SIGINT) or SIGTERM lets a save in progress
+finish, then stops with one line on how to resume (exit status 130 / 143); see ``training/output_dir.py``.
 
 Multi-process training. With ``--derivative finite_difference`` the loss calls the modules that
 ``accelerator.prepare`` returned, as diffusers' scripts do, so accelerate's engine (DDP: several forwards, one
@@ -73,6 +76,7 @@ if _HERE not in sys.path:
 
 from data import OFFLINE_DATASETS, DataError, check_data_source  # noqa: E402  (numpy + PIL only)
 import run_lock  # noqa: E402  (fcntl only)
+import output_dir as out_dir  # noqa: E402  (standard library only)
 import run_state  # noqa: E402  (imports torch/safetensors only inside its functions)
 import trajectory_modality  # noqa: E402  (--modality trajectory; argparse only at import)
 import latents as latent_lib  # noqa: E402  (--vae_name_or_path; numpy only at import)
@@ -226,7 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = parser.add_argument_group("optimisation")
     g.add_argument("--output_dir", type=str, default="mmf-model",
-                   help="Where the pipeline, checkpoints, samples and logs are written.")
+                   help="Where the pipeline, checkpoints, samples and logs are written. A folder that holds an earlier "
+                   "run is refused unless --resume_from_checkpoint or --overwrite_output_dir says what to do with it.")
+    g.add_argument("--overwrite_output_dir", action="store_true",
+                   help="Start afresh in an --output_dir that holds an earlier run: its checkpoints, pipeline, samples, "
+                   "logs and config are removed first (other files and latent_cache/ stay).")
     g.add_argument("--seed", type=int, default=None,
                    help="Seed of the model init, data order, augmentations and loss noise (default: random, recorded "
                    "in the configuration; a resumed run reuses the checkpoint's).")
@@ -389,6 +397,10 @@ def validate_args(args: argparse.Namespace) -> None:
 
     latent_lib.validate(args, need)
 
+    problem = out_dir.output_dir_problem(args.output_dir)
+    need(problem is None, problem)
+    need(not (args.overwrite_output_dir and args.resume_from_checkpoint == "latest"),
+         "--overwrite_output_dir removes the checkpoints that --resume_from_checkpoint latest would resume: give one")
     resume = args.resume_from_checkpoint
     if resume is not None and resume != "latest":
         METADATA_FILE = _import_checkpointing().METADATA_FILE
@@ -396,6 +408,8 @@ def validate_args(args: argparse.Namespace) -> None:
         need(os.path.isfile(os.path.join(resume, METADATA_FILE)),
              f"--resume_from_checkpoint {resume!r} is not a complete checkpoint (no {METADATA_FILE})")
         run_state.refuse_pickled_state(resume)  # UnsafeCheckpoint is a ValueError: exit 2 with its message
+        problem = run_state.metadata_problem(_import_checkpointing().read_metadata(resume))
+        need(problem is None, f"--resume_from_checkpoint {resume!r}: {problem}")
 
     if args.logger == "wandb":
         import importlib.util
@@ -629,6 +643,17 @@ class ConfigError(ValueError):
     """A problem with the inputs found after the heavy imports (data, pretrained UNet, checkpoint)."""
 
 
+def _earlier_run(args: argparse.Namespace) -> None:
+    """Refuse an --output_dir that holds another run unless the flags say what to do (output_dir.py); with
+    --overwrite_output_dir, remove that run's files first (main process, under the folder's lock)."""
+    out_dir.check_earlier_run(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
+    if args.overwrite_output_dir:
+        removed = out_dir.clear_earlier_run(args.output_dir, keep=args.resume_from_checkpoint,
+                                            logging_dir=args.logging_dir)
+        if removed:
+            print(f"--overwrite_output_dir: removed {', '.join(removed)} from {args.output_dir}")
+
+
 def main(argv=None) -> int:
     """Parse, validate, train. Exit status: 0 done, 2 bad input, 1 diverged (non-finite loss)."""
     args = parse_args(argv)
@@ -638,8 +663,18 @@ def main(argv=None) -> int:
         if os.environ.get("RANK", "0") == "0":
             run_lock.acquire(args.output_dir)
             _import_checkpointing().recover_interrupted_commits(args.output_dir)
+            _earlier_run(args)
+        out_dir.install_interrupt_handlers()  # Ctrl-C / SIGTERM: out_dir.Interrupted, held back during saves
         return train(args)
-    except run_lock.OutputDirLocked as error:
+    except (out_dir.Interrupted, KeyboardInterrupt) as error:
+        name, status = (error.signal_name, error.exit_status) if isinstance(error, out_dir.Interrupted) else \
+            ("SIGINT", 130)
+        if os.environ.get("RANK", "0") == "0":
+            steps = [step for step, _ in _import_checkpointing().list_checkpoints(args.output_dir)]
+            print(f"\ntrain_mmf.py: interrupted ({name}): {out_dir.resume_hint(args.output_dir, steps)}",
+                  file=sys.stderr)
+        return status
+    except (run_lock.OutputDirLocked, out_dir.EarlierRun) as error:
         print(f"train_mmf.py: error: {error}", file=sys.stderr)
         return 2
     except (DataError, ConfigError) as error:
@@ -683,7 +718,7 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
         except run_state.UnsafeCheckpoint as error:
             raise ConfigError(f"Cannot resume: {error}")
         resume_path = ckpt.latest_checkpoint(args.output_dir, required=run_state.CHECKPOINT_FILES,
-                                             on_skip=lambda path, why: log(f"Skipping damaged {path}: {why}"))
+                                             metadata_check=run_state.metadata_problem, on_skip=lambda path, why: log(f"Skipping damaged {path}: {why}"))
         if resume_path is None and found:
             raise ConfigError(f"--resume_from_checkpoint latest: none of the {len(found)} checkpoints in "
                               f"{args.output_dir} is intact (see above); a new run would overwrite them. Move them "
@@ -692,7 +727,8 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
             log(f"No complete checkpoint in {args.output_dir}; starting a new training run.")
     elif args.resume_from_checkpoint is not None:
         resume_path = args.resume_from_checkpoint
-        problem = ckpt.checkpoint_problem(resume_path, run_state.CHECKPOINT_FILES)
+        problem = ckpt.checkpoint_problem(resume_path, run_state.CHECKPOINT_FILES,
+                                          metadata_check=run_state.metadata_problem)
         if problem:
             raise ConfigError(f"Cannot resume from {resume_path}: {problem}")
     if resume_path is not None:
@@ -1124,16 +1160,18 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
         progress.update(1)
         progress.set_postfix(loss=f"{stats['loss']:.4f}", mse=f"{stats['mse']:.4f}", lam=f"{lam:.3f}")
 
-        if global_step % args.checkpointing_steps == 0:
-            save_checkpoint(global_step)
-        elif global_step % args.save_images_steps == 0 and is_main:
-            save_sample_grids(global_step)
+        with out_dir.deferred_interrupts():  # an interrupt waits for the save: nothing half-written
+            if global_step % args.checkpointing_steps == 0:
+                save_checkpoint(global_step)
+            elif global_step % args.save_images_steps == 0 and is_main:
+                save_sample_grids(global_step)
     progress.close()
 
     # 8. the final pipeline folder (written again even if a checkpoint just wrote it: it also pushes the final version)
     accelerator.wait_for_everyone()
     if is_main:
-        save_pipeline_folder(global_step, time.time() - start_time, final=True)
+        with out_dir.deferred_interrupts():
+            save_pipeline_folder(global_step, time.time() - start_time, final=True)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if jsonl is not None:

@@ -31,6 +31,7 @@ import importlib
 import inspect
 import json
 import os
+import shlex
 import shutil
 import sys
 from typing import Any, Callable, Dict, Iterable, List, Optional, Union
@@ -316,7 +317,34 @@ def pipeline_files(folder: PathLike) -> List[str]:
         real = os.path.realpath(path)
         if os.path.commonpath([root, real]) != root:
             raise ValueError(f"Refusing to upload {folder}: {relative} is a symlink to {real}, outside the folder")
+        # A hard link is the same file under a second name, which may lie anywhere on the file system: what is
+        # uploaded must be the folder's own content.
+        links = os.lstat(path).st_nlink
+        if links > 1:
+            raise ValueError(f"Refusing to upload {folder}: {relative} has {links} hard links, so its content may "
+                             "belong to a file outside the folder; replace it with a copy (cp --no-preserve=links)")
     return chosen
+
+
+def printable(text: object) -> str:
+    """``text`` with every character that could start a new line or steer a terminal (newline, carriage return,
+    escape, other control characters) written as its escape (``\\n``): echoed input stays one line of data."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in str(text))
+
+
+def repo_id_problem(repo_id: str, what: str, full: bool = False) -> Optional[str]:
+    """Why ``repo_id`` is not a repository id the Hub accepts (huggingface_hub's own `validate_repo_id`, and
+    ``user/name`` when ``full``), or None."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        return f"{what} {printable(repr(repo_id))} is not a valid repository id: {printable(str(error))}"
+    if full and repo_id.count("/") != 1:
+        return f"{what} {printable(repr(repo_id))} must be user/name"
+    return None
 
 
 def validate_pipeline_folder(folder: PathLike, files: Iterable[str]) -> None:
@@ -486,10 +514,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.token is not None:
         parser.exit(2, f"mmf-push: error: {command_line_refusal('--token', '--token-file')}\n")
     space_id = demo_dir = None
+    problem = repo_id_problem(args.repo_id, "REPO_ID") or (
+        repo_id_problem(args.space_id, "--space-id", full=True) if args.space_id is not None else None)
+    if problem:
+        parser.exit(2, f"mmf-push: error: {problem}\n")
     if args.with_demo:
         if args.repo_id.count("/") != 1:
             parser.exit(2, "mmf-push: error: --with-demo needs REPO_ID as user/name (the Space loads it by that id)\n")
         space_id = args.space_id or f"{args.repo_id}-demo"
+        problem = repo_id_problem(space_id, "the Space id", full=True)
+        if problem:
+            parser.exit(2, f"mmf-push: error: {problem}\n")
         demo_dir = args.demo_dir or os.path.normpath(args.folder) + "-space"
         if os.path.abspath(demo_dir).startswith(os.path.abspath(args.folder) + os.sep):
             parser.exit(2, "mmf-push: error: --demo-dir must lie outside FOLDER (it would be uploaded with the model)\n")
@@ -498,7 +533,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         pipeline_files(args.folder)
         token = check_hub_auth(read_token_file(args.token_file, "--token-file") if args.token_file else None)
     except (OSError, ValueError) as error:  # TokenError is a ValueError
-        parser.exit(2, f"mmf-push: error: {error}\n")
+        parser.exit(2, f"mmf-push: error: {printable(error)}\n")
     if args.with_demo:
         from .space import write_space
 
@@ -519,15 +554,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.exit(1, f"mmf-push: error: the Hub refused the upload (HTTP {status}): "
                        f"{str(error).splitlines()[0]}\n".replace(token, "***"))
     except (OSError, ValueError) as error:
-        parser.exit(1, f"mmf-push: error: {error}\n".replace(token, "***"))
+        parser.exit(1, f"mmf-push: error: {printable(error)}\n".replace(token, "***"))
     except Exception as error:  # noqa: BLE001 - the HTTP client's timeouts and connection errors
         if not is_network_error(error):
             raise
         parser.exit(1, f"mmf-push: error: could not reach the Hub: {_network_message(error)}\n".replace(token, "***"))
-    print(f"Pushed {args.folder} to {args.repo_id}: {url}")
+    # Echoed names are data: quoted for the shell, control characters escaped, so none can add a line.
+    print(f"Pushed {printable(shlex.quote(args.folder))} to {args.repo_id}: {printable(url)}")
     if args.with_demo:
-        print(f"Wrote the Space's files to {demo_dir}; create the Space (linked from the card) with:\n"
-              f"  hf upload {space_id} {demo_dir} --repo-type space")
+        print(f"Wrote the Space's files to {printable(shlex.quote(demo_dir))}; create the Space (linked from the card) "
+              f"with:\n  hf upload {shlex.quote(space_id)} {printable(shlex.quote(demo_dir))} --repo-type space")
     return 0
 
 
