@@ -71,7 +71,9 @@ def load_pipeline(repo_id_or_path: PathLike, **kwargs) -> DiffusionPipeline:
     if os.path.isdir(repo_id_or_path):
         index = _read_model_index(repo_id_or_path)
     else:
-        use_hub_timeouts()  # every Hub request of this load ends within MMF_HUB_TIMEOUT, as in the command-line tools
+        # Every Hub request of this load ends within MMF_HUB_TIMEOUT, as in the command-line tools: the shared
+        # client's limit (use_hub_timeouts), and the same for the metadata request, which has its own (10 s).
+        use_hub_timeouts()
         path = hf_hub_download(
             str(repo_id_or_path),
             MODEL_INDEX,
@@ -79,6 +81,7 @@ def load_pipeline(repo_id_or_path: PathLike, **kwargs) -> DiffusionPipeline:
             token=kwargs.get("token"),
             cache_dir=kwargs.get("cache_dir"),
             local_files_only=kwargs.get("local_files_only", False),
+            etag_timeout=hub_timeout(),
         )
         with open(path, encoding="utf-8") as f:
             index = json.load(f)

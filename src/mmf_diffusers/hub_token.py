@@ -25,7 +25,8 @@ TOKEN_FILE_MAX_BYTES = 4096
 #: Encoded forms shorter than this are left out of the search (too short to be told apart from chance); a real Hub
 #: token (``hf_`` and 34 characters) gives forms of 40 bytes and more.
 MIN_FORM_BYTES = 12
-#: Files up to this size are also searched with line breaks removed (base64 wrapped at 64 or 76 columns).
+#: Files up to this size are also searched with line breaks (and JSON's ``\\n`` escapes) removed: base64 wrapped at
+#: 64 or 76 columns.
 UNWRAP_MAX_BYTES = 64 << 20
 
 
@@ -128,9 +129,11 @@ def _found_in(path: str, forms: Dict[str, bytes], chunk_size: int = 1 << 20) -> 
                 if form in window:
                     return name
             tail = window[-overlap:] if overlap else b""
-    if size <= UNWRAP_MAX_BYTES:  # base64 or hex wrapped over several lines
+    if size <= UNWRAP_MAX_BYTES:  # base64 or hex wrapped over several lines, or over "\n" escapes in a JSON string
         with open(path, "rb") as f:
-            unwrapped = f.read().replace(b"\r", b"").replace(b"\n", b"")
+            unwrapped = f.read()
+        for line_break in (b"\r", b"\n", b"\\r", b"\\n"):
+            unwrapped = unwrapped.replace(line_break, b"")
         for name, form in forms.items():
             if form in unwrapped:
                 return f"{name}, over line breaks"
