@@ -148,6 +148,25 @@ def test_training_mode_is_deterministic_unlike_the_stock_dit():
     assert torch.equal(model(z, t, class_labels=t).sample, model(z, t, class_labels=t).sample)
 
 
+def test_dit_initialisation_starts_at_zero_and_trains():
+    torch.manual_seed(0)
+    model = build_mmf_dit(in_channels=1, dit_init=True, **TINY)
+    fn = dit_model_fn(model)
+    z, _, r, t = inputs()
+    with torch.no_grad():
+        assert fn(z, r, t).abs().max() == 0  # zero adaLN modulations and output layer: u = 0
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(2):  # step 1 reaches only the output layer, step 2 the rest
+        optimizer.zero_grad()
+        ModularMeanFlowLoss(derivative="finite_difference")(fn, z, 0.0, t=t, r=r).loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        assert fn(z, r, t).abs().max() > 1e-3
+    assert model.transformer_blocks[0].norm1.linear.weight.abs().max() > 0
+    with pytest.raises(ValueError, match="dit_init"):
+        build_mmf_dit(in_channels=1, dit_init=1, **TINY)
+
+
 # --- starting as the stock function ---------------------------------------------------------------------------------
 
 
@@ -246,6 +265,31 @@ def test_save_and_load_round_trip(tmp_path):
             dit_model_fn(loaded_cond, conditioner=loaded_conditioner)(z, r, t, labels),
             dit_model_fn(conditional, conditioner=conditioner)(z, r, t, labels), rtol=0, atol=0,
         )
+
+
+def test_model_file_runs_as_remote_code(tmp_path):
+    # transformer_mmf.py imports only torch and diffusers: copied into a pipeline folder (diffusers' remote-code
+    # layout, transformer/transformer_mmf.py) and imported from there, it loads the saved model with the same outputs.
+    import importlib.util
+    import shutil
+
+    import mmf_diffusers.transformer_mmf as module
+    from mmf_diffusers.hub import _check_self_contained
+
+    _check_self_contained(module.__file__)
+    model = tiny_dit(second_time_std=0.5)
+    model.save_pretrained(tmp_path / "transformer")
+    copy = tmp_path / "transformer" / "transformer_mmf.py"
+    shutil.copyfile(module.__file__, copy)
+    spec = importlib.util.spec_from_file_location("remote_transformer_mmf", copy)
+    remote = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(remote)
+    loaded = remote.MMFDiTTransformer2DModel.from_pretrained(tmp_path / "transformer")
+    assert type(loaded) is not MMFDiTTransformer2DModel  # the copy's class, not the package's
+    z, _, r, t = inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(z, 10 * t, class_labels=10 * (t - r)).sample,
+                                   model(z, 10 * t, class_labels=10 * (t - r)).sample, rtol=0, atol=0)
 
 
 # --- derivatives ---------------------------------------------------------------------------------------------------

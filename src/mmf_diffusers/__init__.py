@@ -28,7 +28,8 @@ _EXPORTS = {
     "unet_model_fn": ".unet",
     "build_mmf_unet1d": ".unet1d", "trajectory_model_fn": ".unet1d",
     "DIT_SIZES": ".dit", "add_dit_class_conditioning": ".dit", "build_mmf_dit": ".dit", "convert_stock_dit": ".dit",
-    "convert_stock_dit_class_conditional": ".dit", "dit_model_fn": ".dit", "prepare_dit_for_mmf": ".dit",
+    "convert_stock_dit_class_conditional": ".dit", "dit_model_fn": ".dit", "initialize_like_dit": ".dit",
+    "prepare_dit_for_mmf": ".dit",
     "MMFDiTTransformer2DModel": ".transformer_mmf",
 }
 
@@ -65,7 +66,8 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     from .unet import (ForwardADAttnProcessor, add_class_conditioning, add_second_time_embedding,  # noqa: F401
                        build_mmf_unet, enable_forward_ad, prepare_unet_for_mmf, unet_model_fn)
     from .dit import (DIT_SIZES, add_dit_class_conditioning, build_mmf_dit, convert_stock_dit,  # noqa: F401
-                      convert_stock_dit_class_conditional, dit_model_fn, prepare_dit_for_mmf)
+                      convert_stock_dit_class_conditional, dit_model_fn, initialize_like_dit,
+                      prepare_dit_for_mmf)
     from .transformer_mmf import MMFDiTTransformer2DModel  # noqa: F401
     from .unet1d import build_mmf_unet1d, trajectory_model_fn  # noqa: F401
 
@@ -96,6 +98,7 @@ __all__ = [
     "dit_model_fn",
     "enable_forward_ad",
     "finite_difference_derivative",
+    "initialize_like_dit",
     "jvp_derivative",
     "prepare_dit_for_mmf",
     "prepare_unet_for_mmf",

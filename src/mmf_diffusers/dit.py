@@ -100,6 +100,36 @@ def prepare_dit_for_mmf(transformer: MMFDiTTransformer2DModel) -> MMFDiTTransfor
     return transformer
 
 
+def initialize_like_dit(transformer: MMFDiTTransformer2DModel) -> MMFDiTTransformer2DModel:
+    """Re-initialise ``transformer`` in place the way the DiT paper's code does (diffusers' class keeps PyTorch's
+    defaults): Xavier-uniform linear layers and patch projection with zero biases, ``N(0, 0.02)`` time-embedding
+    MLPs, and zero adaLN modulations and output layer, so every block starts as the identity and ``u = 0``. The
+    second-time MLP's output layer stays zero. Returns the same module."""
+    with torch.no_grad():
+        for module in transformer.modules():
+            if isinstance(module, torch.nn.Linear):
+                torch.nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    module.bias.zero_()
+        proj = transformer.pos_embed.proj
+        torch.nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
+        proj.bias.zero_()
+        embedders = [block.norm1.emb.timestep_embedder for block in transformer.transformer_blocks]
+        if transformer.class_embedding is not None:
+            embedders.append(transformer.class_embedding)
+        for embedder in embedders:
+            torch.nn.init.normal_(embedder.linear_1.weight, std=0.02)
+            torch.nn.init.normal_(embedder.linear_2.weight, std=0.02)
+        zero = [block.norm1.linear for block in transformer.transformer_blocks]
+        zero += [transformer.proj_out_1, transformer.proj_out_2]
+        if transformer.class_embedding is not None:
+            zero.append(transformer.class_embedding.linear_2)
+        for layer in zero:
+            layer.weight.zero_()
+            layer.bias.zero_()
+    return transformer
+
+
 def build_mmf_dit(
     sample_size: int = 32,
     in_channels: int = 4,
@@ -108,6 +138,7 @@ def build_mmf_dit(
     num_layers: int = 12,
     num_attention_heads: int = 12,
     attention_head_dim: int = 64,
+    dit_init: bool = False,
     **dit_kwargs,
 ) -> MMFDiTTransformer2DModel:
     """Build an unconditional two-time DiT for MMF (``class_embed_type="timestep"``), forward-AD-safe attention.
@@ -122,6 +153,8 @@ def build_mmf_dit(
             shape of ``z``).
         patch_size: side of the square patches (tokens = ``(sample_size / patch_size) ** 2``).
         num_layers, num_attention_heads, attention_head_dim: transformer size (width = heads * head_dim).
+        dit_init: re-initialise as the DiT paper does (`initialize_like_dit`: zero adaLN and output, so ``u = 0``
+            at the start), as for training from scratch at scale; False keeps diffusers' (PyTorch's) initialisation.
         **dit_kwargs: any other `MMFDiTTransformer2DModel` argument (``class_embed_type`` excepted).
     """
     for name, value in (("sample_size", sample_size), ("in_channels", in_channels), ("patch_size", patch_size),
@@ -131,6 +164,8 @@ def build_mmf_dit(
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if sample_size % patch_size:
         raise ValueError(f"sample_size={sample_size} is not divisible by patch_size={patch_size}")
+    if not isinstance(dit_init, bool):
+        raise ValueError(f"dit_init must be True or False, got {dit_init!r}")
     if "class_embed_type" in dit_kwargs:
         raise ValueError("build_mmf_dit builds an unconditional model; use add_dit_class_conditioning for labels")
     transformer = MMFDiTTransformer2DModel(
@@ -143,6 +178,8 @@ def build_mmf_dit(
         attention_head_dim=attention_head_dim,
         **dit_kwargs,
     )
+    if dit_init:
+        initialize_like_dit(transformer)
     return prepare_dit_for_mmf(transformer)
 
 
