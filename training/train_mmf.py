@@ -264,7 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--torch_compile", action="store_true",
                    help="torch.compile the UNet's forward (the saved weights and the EMA are those of the plain "
                    "module). Only with --derivative finite_difference (inside torch.func.jvp it falls back to eager). "
-                   "The first step compiles (minutes on a CPU).")
+                   "The first step compiles (minutes on a CPU). Each mode compiles once: the main forward and the "
+                   "finite difference's shifted forward (the number of r != t rows per process is fixed).")
+    g.add_argument("--torch_compile_backend", type=str, default=None, metavar="NAME",
+                   help="The torch.compile backend of --torch_compile (default: torch's, inductor); e.g. 'aot_eager' "
+                   "captures the same graphs without generating code (a quick check of the compiled path on a CPU).")
     g.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None,
                    help="Autocast precision of the main forward and backward (weights stay float32); du/dt is computed "
                    "in float32 outside autocast with either estimator (a difference of low-precision outputs is "
@@ -357,6 +361,8 @@ def validate_args(args: argparse.Namespace) -> None:
          f"--pair_rows 1 needs --r_neq_t_fraction <= 0.5 (one r = t row per r != t row), got {args.r_neq_t_fraction}")
     need(not args.pair_rows or args.train_batch_size % 2 == 0,
          f"--pair_rows 1 pairs rows 2j and 2j + 1: --train_batch_size must be even, got {args.train_batch_size}")
+    need(args.torch_compile_backend is None or args.torch_compile,
+         "--torch_compile_backend only applies with --torch_compile")
     need(not (args.torch_compile and args.derivative == "jvp"),
          "--torch_compile does not apply to --derivative jvp: torch.compile falls back to eager inside torch.func.jvp "
          "(a graph break on every UNet frame, torch 2.13; no speed-up measured by benchmarks/engine_flags.py); use "
@@ -901,7 +907,8 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
     hand_reduce = uses_hand_reduce(args.derivative)
     fwd_unet, fwd_conditioner = loss_modules(prepared, inner_modules, hand_reduce)
     if args.torch_compile:
-        fwd_unet = torch.compile(fwd_unet)
+        backend = {"backend": args.torch_compile_backend} if args.torch_compile_backend else {}
+        fwd_unet = torch.compile(fwd_unet, **backend)
     if modality is not None:
         model_fn = modality.model_fn(fwd_unet)
     else:
