@@ -41,7 +41,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects  # upload_folder's own ignores
 
 from .checkpointing import safetensors_problem
-from .hub_timeouts import hub_timeout, is_network_error, quiet_loading, use_hub_timeouts
+from .hub_timeouts import hub_preflight, hub_timeout, is_network_error, quiet_loading, use_hub_timeouts
 from .hub_token import command_line_refusal, read_token_file, token_leaks
 from .model_card import PACKAGE_LAYOUT_KEY, REPO_PLACEHOLDER, add_demo_section, is_mmf_card, write_model_card
 
@@ -71,8 +71,14 @@ def load_pipeline(repo_id_or_path: PathLike, **kwargs) -> DiffusionPipeline:
     if os.path.isdir(repo_id_or_path):
         index = _read_model_index(repo_id_or_path)
     else:
-        # Every Hub request of this load ends within MMF_HUB_TIMEOUT, as in the command-line tools: the shared
-        # client's limit (use_hub_timeouts), and the same for the metadata request, which has its own (10 s).
+        # As in the command-line tools: one request first, without huggingface_hub's five retries, so a Hub that does
+        # not answer (or a repository that is not there) is an error within MMF_HUB_TIMEOUT; then every request of the
+        # load has that limit (use_hub_timeouts), the metadata request too, which has its own (10 s).
+        problem = None
+        if not kwargs.get("local_files_only"):
+            problem = hub_preflight(str(repo_id_or_path), token=kwargs.get("token"))
+        if problem:
+            raise OSError(f"Cannot load {repo_id_or_path}: {problem}")
         use_hub_timeouts()
         path = hf_hub_download(
             str(repo_id_or_path),
