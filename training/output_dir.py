@@ -9,7 +9,7 @@ run. So `check_earlier_run` refuses, in one line, unless the command says what t
 files first, checkpoints first). Other files in the folder are left alone, and so is ``latent_cache/`` (keyed by the
 VAE and the data, and checked on use).
 
-Interrupts. `install_interrupt_handlers` turns SIGINT (Ctrl-C) and SIGTERM into `Interrupted`, which the script
+Interrupts. `interrupt_handlers` turns SIGINT (Ctrl-C) and SIGTERM into `Interrupted`, which the script
 catches to print one line on how to resume and exit with ``128 + signal`` (130, 143). Inside `deferred_interrupts`
 (a checkpoint or pipeline save) the signal is held back until the save is complete, so an interrupt never leaves a
 half-written checkpoint or pipeline folder. A second Ctrl-C during a save still waits for it (SIGKILL does not, and
@@ -199,17 +199,23 @@ def _handler(signum, frame):
     raise Interrupted(signum)
 
 
-def install_interrupt_handlers() -> bool:
-    """Route SIGINT and SIGTERM to `Interrupted` (main thread only; a signal set to be ignored stays ignored, e.g.
-    SIGINT of a job started in the background by a shell). Returns whether any handler was installed."""
-    if threading.current_thread() is not threading.main_thread():
-        return False
-    installed = False
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        if signal.getsignal(signum) in (signal.default_int_handler, signal.SIG_DFL):
-            signal.signal(signum, _handler)
-            installed = True
-    return installed
+@contextlib.contextmanager
+def interrupt_handlers():
+    """While the body runs, route SIGINT and SIGTERM to `Interrupted` (main thread only; a signal set to be ignored
+    stays ignored, e.g. SIGINT of a job started in the background by a shell); the previous handlers come back
+    afterwards (the script may run inside another program, e.g. a test runner)."""
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            handler = signal.getsignal(signum)
+            if handler in (signal.default_int_handler, signal.SIG_DFL):
+                previous[signum] = signal.signal(signum, _handler)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        _state["depth"], _state["pending"] = 0, None
 
 
 @contextlib.contextmanager
@@ -223,6 +229,16 @@ def deferred_interrupts():
     if _state["depth"] == 0 and _state["pending"] is not None:
         signum, _state["pending"] = _state["pending"], None
         raise Interrupted(signum)
+
+
+def close_progress_bars() -> None:
+    """Close tqdm's open progress bars now, so that their last redraw (at exit otherwise) comes before the line that
+    says how to resume, not after it."""
+    import sys
+
+    tqdm = getattr(sys.modules.get("tqdm"), "tqdm", None)
+    for bar in list(getattr(tqdm, "_instances", None) or []):
+        bar.close()
 
 
 def resume_hint(output_dir: str, complete_checkpoints: List[int]) -> str:

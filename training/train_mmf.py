@@ -670,14 +670,15 @@ def main(argv=None) -> int:
             run_lock.acquire(args.output_dir)
             _import_checkpointing().recover_interrupted_commits(args.output_dir)
             _earlier_run(args)
-        out_dir.install_interrupt_handlers()  # Ctrl-C / SIGTERM: out_dir.Interrupted, held back during saves
-        return train(args)
+        with out_dir.interrupt_handlers():  # Ctrl-C / SIGTERM: out_dir.Interrupted, held back during saves
+            return train(args)
     except (out_dir.Interrupted, KeyboardInterrupt) as error:
         name, status = (error.signal_name, error.exit_status) if isinstance(error, out_dir.Interrupted) else \
             ("SIGINT", 130)
+        out_dir.close_progress_bars()
         if os.environ.get("RANK", "0") == "0":
             steps = [step for step, _ in _import_checkpointing().list_checkpoints(args.output_dir)]
-            print(f"\ntrain_mmf.py: interrupted ({name}): {out_dir.resume_hint(args.output_dir, steps)}",
+            print(f"train_mmf.py: interrupted ({name}): {out_dir.resume_hint(args.output_dir, steps)}",
                   file=sys.stderr)
         return status
     except (run_lock.OutputDirLocked, out_dir.EarlierRun) as error:
