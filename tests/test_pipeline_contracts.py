@@ -162,7 +162,8 @@ def test_unet_of_the_wrong_kind_is_refused():
 @pytest.mark.parametrize("edit, match", [
     (lambda index: index.__setitem__("../unet", index.pop("unet")), "'../unet'"),
     (lambda index: index.__setitem__("unet/../unet", ["diffusers", "UNet2DModel"]), "not a Python identifier"),
-    (lambda index: index.__setitem__("scheduler", ["../../scheduling_mmf", "MMFScheduler"]), "not a \\[module, class\\]"),
+    (lambda index: index.__setitem__("scheduler", ["../../scheduling_mmf", "MMFScheduler"]),
+     "not a \\[module, class\\]"),
     (lambda index: index.__setitem__("_mmf_package_layout", {"../unet": ["diffusers", "UNet2DModel"]}), "'../unet'"),
     (lambda index: index.__setitem__("_mmf_package_layout", {"unet": "diffusers"}), "_mmf_package_layout"),
 ])

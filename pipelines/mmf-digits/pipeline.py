@@ -179,9 +179,9 @@ def check_model_index(config: dict, layout, where, class_name: str) -> None:
     named = (layout or {}).get("_class_name", config.get("_class_name"))
     if isinstance(named, (list, tuple)) and len(named) == 2:
         named = named[1]
-    if named in MMF_PIPELINES and named != class_name:
+    if isinstance(named, str) and named in MMF_PIPELINES and named != class_name:
         raise ValueError(f"{where} holds an {named} ({MMF_PIPELINES[named]}), not an {class_name}: load it with "
-                         f"{named}.from_pretrained, or with mmf_diffusers.load_pipeline, which picks the class")
+                         f"{named}.from_pretrained, or with mmf_diffusers.hub.load_pipeline, which picks the class")
     for name, value in list(config.items()) + list((layout or {}).items()):
         if name.startswith("_"):
             continue

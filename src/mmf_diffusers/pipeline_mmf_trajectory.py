@@ -354,8 +354,8 @@ class MMFTrajectoryPipeline(DiffusionPipeline):
             generator (`torch.Generator` or a list of one per trajectory): makes the initial noise reproducible.
             latents (`torch.Tensor`, *optional*): initial noise ``z_1`` of shape `(B, C, L)` (its first time step is
                 replaced by the normalised start state when one is given).
-            output_type (`str`): ``"np"`` (float32 array) or ``"pt"`` (float32 tensor), both `(B, C, L)`, physical units;
-                or ``"latent"``: the UNet's output space, the final sample in normalised units (a tensor in the UNet's
+            output_type (`str`): ``"np"`` (float32 array) or ``"pt"`` (float32 tensor), both `(B, C, L)`, physical
+                units; or ``"latent"``: the UNet's output space, the final sample in normalised units (a tensor in the UNet's
                 dtype, before `denormalize`; known entries hold the normalised start state).
             return_dict (`bool`): return a [`TrajectoryPipelineOutput`] instead of a 1-tuple.
             length (`int`, *optional*): trajectory length L (default: the UNet's ``sample_size``); must be divisible by
@@ -478,9 +478,9 @@ def check_model_index(config: dict, layout, where, class_name: str) -> None:
     named = (layout or {}).get("_class_name", config.get("_class_name"))
     if isinstance(named, (list, tuple)) and len(named) == 2:
         named = named[1]
-    if named in MMF_PIPELINES and named != class_name:
+    if isinstance(named, str) and named in MMF_PIPELINES and named != class_name:
         raise ValueError(f"{where} holds an {named} ({MMF_PIPELINES[named]}), not an {class_name}: load it with "
-                         f"{named}.from_pretrained, or with mmf_diffusers.load_pipeline, which picks the class")
+                         f"{named}.from_pretrained, or with mmf_diffusers.hub.load_pipeline, which picks the class")
     for name, value in list(config.items()) + list((layout or {}).items()):
         if name.startswith("_"):
             continue
