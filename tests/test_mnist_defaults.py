@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 pytestmark = pytest.mark.skipif(mnist_source() is None, reason="MNIST file absent")
 
 
+@pytest.mark.slow
 def test_a_toy_run_is_scored_and_cached(tmp_path, capsys):
     import mnist_defaults
 

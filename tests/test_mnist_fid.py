@@ -24,6 +24,7 @@ def _tiny_pipeline(folder, seed):
     MMFPipeline(unet, MMFScheduler(), conditioner=conditioner).save_pretrained(folder)
 
 
+@pytest.mark.slow
 def test_rows_are_scored_kept_and_rescored_for_new_weights(tmp_path, capsys):
     import mnist_fid
 
@@ -63,6 +64,7 @@ def test_bad_requests_are_refused(tmp_path):
         assert info.value.code == 2
 
 
+@pytest.mark.slow
 def test_a_run_naming_other_pipelines_keeps_the_earlier_rows(tmp_path, capsys):
     import mnist_fid
 

@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 pytestmark = pytest.mark.skipif(mnist_source() is None, reason="MNIST file absent")
 
 
+@pytest.mark.slow
 def test_quick_run_writes_every_row(tmp_path):
     import mnist_quality
 

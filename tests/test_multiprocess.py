@@ -49,6 +49,7 @@ CONDITIONAL = ["--class_conditional", "--label_dropout", "0.25", "--cfg_w", "1.5
 
 @pytest.mark.parametrize("derivative,accumulation,conditional", [("jvp", 1, False), ("finite_difference", 1, False),
                                                                  ("jvp", 2, True), ("finite_difference", 2, True)])
+@pytest.mark.slow
 def test_two_processes_stay_in_sync_and_match_one_process(tmp_path, derivative, accumulation, conditional):
     import torch
 

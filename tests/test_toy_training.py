@@ -17,6 +17,7 @@ def one_step_distance(model, n=2048, seed=123):
 
 
 @pytest.mark.parametrize("derivative", ["jvp", "finite_difference"])
+@pytest.mark.slow
 def test_training_lowers_one_step_distance(derivative):
     torch.manual_seed(0)
     model = TwoTimeMLP(dim=2, hidden=64, depth=4)

@@ -99,6 +99,7 @@ def write_image_folder(root: Path) -> Path:
 # end to end
 
 
+@pytest.mark.slow
 def test_accelerate_launch_end_to_end(tmp_path):
     import torch
 
@@ -151,6 +152,7 @@ def test_accelerate_launch_end_to_end(tmp_path):
     assert any(not torch.equal(saved[k], trained[k]) for k in saved)
 
 
+@pytest.mark.slow
 def test_warm_start_from_an_ordinary_one_time_unet(tmp_path):
     """--pretrained_unet: a stock diffusion UNet2DModel (no second time) gains the zero-initialised second-time
     embedding and trains; the result loads as an MMF pipeline."""
@@ -185,6 +187,7 @@ RESUME_ARGS = ["--dataset_name", "sklearn-digits", *TINY, "--train_batch_size", 
                "--learning_rate", "1e-3", "--logger", "none"]
 
 
+@pytest.mark.slow
 def test_sigkill_after_and_during_checkpoint_then_resume_reproduces_the_run(tmp_path):
     import torch
 
@@ -225,6 +228,7 @@ def test_sigkill_after_and_during_checkpoint_then_resume_reproduces_the_run(tmp_
     assert sum('"event": "resume"' in line for line in log_lines) == 2
 
 
+@pytest.mark.slow
 def test_resume_refuses_fixed_flags_and_honours_a_new_learning_rate(tmp_path):
     """The training state is JSON + safetensors (no pickle for accelerate to unpickle); a resume lists the flags it
     cannot change, and a new --learning_rate is used from the resumed step on and recorded."""
@@ -251,6 +255,7 @@ def test_resume_refuses_fixed_flags_and_honours_a_new_learning_rate(tmp_path):
     assert json.loads((out / "training_config.json").read_text())["learning_rate"] == 5e-4
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_path):
     out = tmp_path / "run"
     # lr 0 at step 1 (warmup), then 1e30: the weights explode and step 3's loss is not finite.

@@ -279,6 +279,7 @@ def test_dataset_normalises_and_marks_conditioned_rows():
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_training_script_trajectory_modality_end_to_end(tmp_path):
     out = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1")
