@@ -325,11 +325,11 @@ def test_weights_that_are_not_finite_are_never_saved():
     import train_mmf
 
     model = torch.nn.Linear(2, 2)
-    train_mmf._refuse_non_finite_weights([model], None, 3, argparse.Namespace(output_dir="out"))
+    train_mmf._refuse_non_finite_weights(model, None, 3, argparse.Namespace(output_dir="out"))
     with torch.no_grad():
         model.weight[0, 0] = float("inf")
     with pytest.raises(train_mmf.TrainingDiverged, match="non-finite weights.*step 3.*stopping before saving"):
-        train_mmf._refuse_non_finite_weights([model], None, 3, argparse.Namespace(output_dir="out"))
+        train_mmf._refuse_non_finite_weights(model, None, 3, argparse.Namespace(output_dir="out"))
 
 
 def test_the_pipelines_reject_complex_and_non_finite_noise():

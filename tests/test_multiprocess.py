@@ -16,7 +16,6 @@ so their exact gradient is zero and the computed one is float noise; with the de
 into full-size steps whose sign differs between any two summation orders, and the weights could not be compared.
 """
 
-import os
 import socket
 
 import pytest
@@ -110,37 +109,64 @@ def test_jvp_is_refused_where_it_cannot_run():
     assert args.torch_compile
 
 
-FSDP_CONFIG = """compute_environment: LOCAL_MACHINE
-distributed_type: FSDP
-fsdp_config:
-  fsdp_version: 2
-  fsdp_auto_wrap_policy: NO_WRAP
-  fsdp_reshard_after_forward: true
-  fsdp_state_dict_type: FULL_STATE_DICT
-mixed_precision: 'no'
-num_machines: 1
-num_processes: 2
-use_cpu: true
-main_process_port: {port}
-"""
+@pytest.mark.slow
+def test_two_processes_share_the_latent_encoding(tmp_path):
+    """Each process encodes its half of the images (on its device) into a part file and the main process merges them:
+    the cache file is the one a single process writes (same name, i.e. the same key, and the same latents to the bit),
+    and the run then trains on it."""
+    from safetensors.numpy import load_file
 
+    import data as data_lib
+    import latents as latent_lib
+    from test_latent import tiny_vae
 
-@pytest.mark.skipif(os.environ.get("MMF_RUN_FSDP_CPU_TEST") != "1",
-                    reason="opt-in (MMF_RUN_FSDP_CPU_TEST=1): in 2 of 4 CI runs on a loaded machine rank 0 exited while "
-                    "rank 1 waited in a collective (a hang until the 400 s timeout); passes in 6 s otherwise")
-def test_an_fsdp_configuration_on_cpu_processes_runs_as_ddp_and_says_so(tmp_path):
-    """accelerate 1.15 has no FSDP for CPU processes: with an FSDP configuration it wraps the model in DDP without an
-    error. The script says so, and the run stays in sync. (If a later accelerate shards here, this test fails and the
-    README's FSDP line needs updating.)"""
-    import sys
-
-    config = tmp_path / "fsdp.yaml"
-    config.write_text(FSDP_CONFIG.format(port=free_port()))
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
-    result = run_script(tmp_path, ARGS[:ARGS.index("--max_train_steps")] + ["--max_train_steps", "2",
-                        *ARGS[ARGS.index("--max_train_steps") + 2:], "--derivative", "finite_difference",
-                        "--train_batch_size", "4", "--output_dir", tmp_path / "out", "--check_param_sync"],
-                        launcher=launcher, timeout=400)
+    vae_dir, out = tmp_path / "vae", tmp_path / "out"
+    tiny_vae().save_pretrained(vae_dir)
+    result = run_script(tmp_path, ["--dataset_name", "sklearn-digits", *TINY, "--center_crop", "--random_flip",
+                                   "--vae_name_or_path", vae_dir, "--train_batch_size", "8", "--max_train_steps", "1",
+                                   "--checkpointing_steps", "100", "--logger", "none", "--output_dir", out,
+                                   "--process_group_timeout", "120"],
+                        launcher=accelerate_launch(2, free_port()), timeout=400)
     check(result)
-    assert "the accelerate configuration asks for FSDP, but accelerate runs MULTI_CPU here" in result.stdout
-    assert "Gradient synchronisation: accelerate's DistributedDataParallel wrapper" in result.stdout
+    assert "Latent cache: encoding 1797 images in both orientations" in result.stdout
+    assert "(2 processes share them)" in result.stdout
+    (cache_file,) = (out / "latent_cache").iterdir()  # the part files are gone
+
+    source = data_lib.load_source("sklearn-digits", None)
+    valid, _ = data_lib.scan_images(source, log=lambda m: None)
+    dataset = data_lib.ImageDataset(source, valid, 8, 1, center_crop=True, random_flip=True, seed=0)
+    alone = tmp_path / "alone"
+    latents, flipped = latent_lib.cached_latents(latent_lib.load_vae(str(vae_dir)), dataset, str(alone),
+                                                 log=lambda m: None)
+    assert [p.name for p in alone.iterdir()] == [cache_file.name]
+    shared = load_file(str(cache_file))
+    assert (shared["latents"] == latents).all() and (shared["latents_flipped"] == flipped).all()
+
+
+@pytest.mark.slow
+def test_a_class_conditional_checkpoint_of_two_prepared_models_still_resumes(tmp_path):
+    """The UNet and the conditioner are prepared as one module (one model for FSDP2 / DeepSpeed); checkpoints written
+    when they were two models hold model.safetensors (the UNet) and model_1.safetensors (the conditioner). Such a
+    checkpoint, made here by splitting a new one, resumes to the same weights, to the bit."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    args = ["--dataset_name", "sklearn-digits", *TINY, "--max_train_steps", "3", "--checkpointing_steps", "2",
+            "--save_images_steps", "100", "--logger", "none", "--train_batch_size", "8", *CONDITIONAL, "--use_ema"]
+    new = tmp_path / "new"
+    check(run_script(tmp_path, args + ["--output_dir", new]))
+    old = tmp_path / "old"
+    old.mkdir()
+    shutil.copytree(new / "checkpoint-2", old / "checkpoint-2")
+    whole = load_file(str(old / "checkpoint-2" / "model.safetensors"))
+    assert {name.split(".")[0] for name in whole} == {"unet", "conditioner"}
+    for file, prefix in (("model.safetensors", "unet."), ("model_1.safetensors", "conditioner.")):
+        save_file({k[len(prefix):]: v for k, v in whole.items() if k.startswith(prefix)}, str(old / "checkpoint-2" / file))
+    result = run_script(tmp_path, args + ["--output_dir", old, "--resume_from_checkpoint", "latest"])
+    check(result)
+    assert "Resuming from" in result.stdout
+    for component in ("unet", "conditioner"):
+        a, b = load_weights(new, component), load_weights(old, component)
+        assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a), component

@@ -111,8 +111,6 @@ class Engine:
     """What the training script asks of accelerate's engine; see the module docstring."""
 
     def __init__(self, accelerator, args, log=print):
-        if _stand_in():
-            _switch_to_configured_engine(accelerator)
         self.accelerator = accelerator
         self.is_main = accelerator.is_main_process
         self.num_processes = accelerator.num_processes
@@ -120,8 +118,9 @@ class Engine:
         self.hand_reduce = args.derivative == "jvp"  # torch.func.jvp cannot go through DDP: see average_gradients
         self.zero_stage = None
         if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and self.name != "fsdp":
-            log(f"Note: the accelerate configuration asks for FSDP, but accelerate runs {self.name.upper()} here (it "
-                "has no FSDP for CPU processes); the model is not sharded.")
+            applied = str(accelerator.distributed_type).rsplit(".", 1)[-1]
+            log(f"Note: the accelerate configuration asks for FSDP, but accelerate runs {applied} here (it has no FSDP "
+                "for CPU processes); the model is not sharded.")
         if self.name == "fsdp":
             self._check_fsdp(accelerator.state.fsdp_plugin, args)
         if self.name == "deepspeed":
@@ -185,8 +184,8 @@ class Engine:
         if self.zero_stage == 3:
             zero = config.setdefault("zero_optimization", {})
             if zero.get("stage3_gather_16bit_weights_on_model_save") is False:
-                raise EngineError("ZeRO-3 needs zero3_save_16bit_model: true (stage3_gather_16bit_weights_on_model_save) "
-                                  "to gather the weights the pipeline is saved with")
+                raise EngineError("ZeRO-3 needs zero3_save_16bit_model: true (stage3_gather_16bit_weights_on_model_"
+                                  "save) to gather the weights the pipeline is saved with")
             zero["stage3_gather_16bit_weights_on_model_save"] = True
 
     # -- 3. one decision for every rank -----------------------------------------------------------------------------
@@ -220,8 +219,8 @@ class Engine:
             return  # unreadable: the checkpoint checks report it
         saved = meta.get("engine", "plain") if isinstance(meta, dict) else "plain"  # older checkpoints are plain
         if saved != self.checkpoint_format:
-            raise EngineError(f"{path} was written under {saved}, this run is {self.checkpoint_format}: resume it with the "
-                              "accelerate configuration (and number of processes) it was written with")
+            raise EngineError(f"{path} was written under {saved}, this run is {self.checkpoint_format}: resume it with "
+                              "the accelerate configuration (and number of processes) it was written with")
 
     # -- 4. the model, its optimiser and EMA ------------------------------------------------------------------------
     def prepare(self, model, optimizer, make_ema=None):
@@ -456,14 +455,18 @@ def _local(tensor):
     return partition if partition is not None else tensor
 
 
-def _switch_to_configured_engine(accelerator) -> None:
-    """CPU stand-in (tests): apply the FSDP2 / DeepSpeed configuration that accelerate left unapplied on CPU processes."""
+def apply_cpu_stand_in(accelerator) -> None:
+    """Tests only, with MMF_TEST_ENGINE_ON_CPU=1 (else nothing): apply the FSDP2 / DeepSpeed configuration that
+    accelerate leaves unapplied on CPU processes. Call it right after creating the Accelerator."""
+    if not _stand_in():
+        return
     import torch.distributed as dist
     from accelerate.state import PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     state = accelerator.state
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and state.distributed_type != DistributedType.FSDP:
+    wants_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if wants_fsdp and state.distributed_type != DistributedType.FSDP:
         plugin = FullyShardedDataParallelPlugin()  # reads the launch configuration's FSDP_* variables
         state.fsdp_plugin = plugin
         state.distributed_type = DistributedType.FSDP

@@ -57,6 +57,7 @@ import numpy as np
 
 CACHE_FORMAT = 2  # 2: the metadata records the latents' shape and SHA-256 (verified on reuse)
 ENCODE_BATCH = 64
+KEY_CHUNK = 1024  # images per digest of the cache key (the key does not depend on how many processes computed it)
 #: How many of the first images are encoded again to check a cache file's latents against the VAE.
 SPOT_CHECK_IMAGES = 4
 #: Largest relative L2 difference between cached and freshly encoded latents: encodings differ by float rounding
@@ -224,13 +225,15 @@ class LatentSpace:
             self._identity = vae_identity(self.vae)
         return self._identity
 
-    def encode_dataset(self, image_dataset, cache_dir: str, log: Callable[[str], None] = print) -> "LatentDataset":
+    def encode_dataset(self, image_dataset, cache_dir: str, log: Callable[[str], None] = print,
+                       processes: Optional["Processes"] = None) -> "LatentDataset":
         """Encode ``image_dataset`` (a centre-cropped `data.ImageDataset`) once, or reuse the cache; returns (and
-        keeps as ``self.dataset``) the `LatentDataset` that replaces it."""
+        keeps as ``self.dataset``) the `LatentDataset` that replaces it. With several ``processes`` each encodes its
+        share (see `cached_latents`); every process must call it."""
         if not image_dataset.center_crop:
             raise LatentError("latent caching needs centre crops (--center_crop)")
         latents, flipped = cached_latents(self.vae, image_dataset, cache_dir, log,
-                                          fingerprint=self.identity["sha256"])
+                                          fingerprint=self.identity["sha256"], processes=processes)
         labels = None
         if image_dataset.with_labels:
             labels = np.asarray([int(image_dataset.source.labels[i]) for i in image_dataset.indices], dtype=np.int64)
@@ -254,16 +257,42 @@ def _preprocess(image, image_dataset) -> np.ndarray:
     return preprocess(image, image_dataset.resolution, image_dataset.num_channels, center_crop=True, random_flip=False)
 
 
-def cache_key(vae, image_dataset, chunk: int = 1024, fingerprint: Optional[str] = None) -> str:
+class Processes:
+    """The processes that share the latent cache's work: this one's ``index`` of ``count``, ``gather(obj)`` (every
+    process's ``obj``, in process order; a collective) and ``barrier()``. The default is one process."""
+
+    def __init__(self, index: int = 0, count: int = 1, gather: Optional[Callable] = None,
+                 barrier: Optional[Callable] = None):
+        self.index, self.count = index, count
+        self.gather = gather or (lambda obj: [obj])
+        self.barrier = barrier or (lambda: None)
+
+    def share(self, n: int) -> range:
+        """This process's contiguous share of ``n`` items."""
+        return range(n * self.index // self.count, n * (self.index + 1) // self.count)
+
+
+def cache_key(vae, image_dataset, chunk: int = KEY_CHUNK, fingerprint: Optional[str] = None,
+              processes: Optional[Processes] = None) -> str:
     """The SHA-256 naming the cache file (see the module docstring): VAE, prepared pixels, sizes, flips, format.
-    ``fingerprint``: `vae_fingerprint` of ``vae`` when already computed."""
+    ``fingerprint``: `vae_fingerprint` of ``vae`` when already computed. The pixels enter as one SHA-256 per ``chunk``
+    images; with several ``processes`` each prepares and hashes every count-th chunk only (a collective), and the key
+    is the same as one process's."""
+    processes = processes or Processes()
     digest = hashlib.sha256(f"mmf-latent-cache:{CACHE_FORMAT}:posterior-mean".encode())
     digest.update((fingerprint or vae_fingerprint(vae)).encode())
     digest.update(json.dumps({"resolution": image_dataset.resolution, "num_channels": image_dataset.num_channels,
                               "center_crop": True, "random_flip": bool(image_dataset.random_flip),
                               "num_images": len(image_dataset)}, sort_keys=True).encode())
-    for start in range(0, len(image_dataset), chunk):
-        digest.update(_unflipped_images(image_dataset, start, min(start + chunk, len(image_dataset))).tobytes())
+    starts = range(0, len(image_dataset), chunk)
+    mine = {i: hashlib.sha256(_unflipped_images(image_dataset, start, min(start + chunk, len(image_dataset)))
+                              .tobytes()).hexdigest()
+            for i, start in enumerate(starts) if i % processes.count == processes.index}
+    chunks = {}
+    for part in processes.gather(mine):
+        chunks.update(part)
+    for i in range(len(starts)):
+        digest.update(chunks[i].encode())
     return digest.hexdigest()
 
 
@@ -368,59 +397,119 @@ def _spot_check(vae, image_dataset, with_flip: bool) -> Callable:
 
 
 def cached_latents(vae, image_dataset, cache_dir: str, log: Callable[[str], None] = print,
-                   fingerprint: Optional[str] = None):
+                   fingerprint: Optional[str] = None, processes: Optional[Processes] = None):
     """``(latents, latents_flipped or None)``, float32 numpy ``(N, c, h, w)``, from ``cache_dir`` when a verified file
     of the same key is there (`read_cache`), else encoded now (both orientations with ``random_flip``) and written
-    there, replacing a file that failed verification. ``fingerprint``: `vae_fingerprint` of ``vae`` if known."""
-    import torch
-    from safetensors.numpy import save_file
+    there, replacing a file that failed verification. ``fingerprint``: `vae_fingerprint` of ``vae`` if known.
 
-    key = cache_key(vae, image_dataset, fingerprint=fingerprint)
+    With several ``processes`` (a collective: every process calls it) the first one decides whether the file can be
+    reused; otherwise each encodes its contiguous share of the images (on the VAE's device) into a part file, the
+    first one merges the parts into the cache file, and the others then read it. No process waits while another
+    does the whole job."""
+    from safetensors.numpy import load_file, save_file
+
+    processes = processes or Processes()
+    first = processes.index == 0
+    key = cache_key(vae, image_dataset, fingerprint=fingerprint, processes=processes)
     path = os.path.join(cache_dir, f"{key[:32]}.safetensors")
     with_flip = bool(image_dataset.random_flip)
     shape = expected_latent_shape(vae, image_dataset)
-    if os.path.lexists(path):
+    reuse = None
+    if first and os.path.lexists(path):
         try:
-            latents, flipped = read_cache(path, key, shape, with_flip, _spot_check(vae, image_dataset, with_flip))
+            reuse = read_cache(path, key, shape, with_flip, _spot_check(vae, image_dataset, with_flip))
         except CacheProblem as problem:
             log(f"Latent cache: not using {path}: {problem}; encoding the images again")
         else:
             log(f"Latent cache: reusing {path} ({shape[0]} images{', both orientations' if with_flip else ''}, "
                 "verified)")
-            return latents, flipped
+    if processes.gather(reuse is not None)[0]:
+        return reuse if first else _read_merged(path, key, shape, with_flip)
     n = len(image_dataset)
     start_time = time.time()
     log(f"Latent cache: encoding {n} images{' in both orientations' if with_flip else ''} with the "
-        f"{type(vae).__name__} into {path}")
+        f"{type(vae).__name__} into {path}" + (f" ({processes.count} processes share them)" if processes.count > 1
+                                               else ""))
+    share = processes.share(n)
+    tensors = _encode_images(vae, image_dataset, share.start, share.stop, with_flip)
+    problems = [p for p in processes.gather(_non_finite_problem(tensors, share.start)) if p]
+    if problems:
+        raise LatentError(f"The VAE encodes some of the {n} images to non-finite latents ({problems[0]}): check the "
+                          "VAE's weights and scaling_factor")
+    if processes.count > 1:  # each process's share into a part file; the first one merges them in order
+        part = f"{path}.part-{processes.index}-of-{processes.count}"
+        _write_or_explain(lambda: (os.makedirs(cache_dir, exist_ok=True), save_file(tensors, part)), part)
+        processes.barrier()
+        if first:
+            parts = [load_file(f"{path}.part-{i}-of-{processes.count}") for i in range(processes.count)]
+            tensors = {name: np.ascontiguousarray(np.concatenate([p[name] for p in parts])) for name in tensors}
+    written = None  # the first process's error message, shared so that no process waits for a file never written
+    if first:
+        metadata = {"key": key, "format": str(CACHE_FORMAT), "vae_class": type(vae).__name__,
+                    "encoding": "posterior mean", "num_images": str(n), "resolution": str(image_dataset.resolution),
+                    "random_flip": str(with_flip), "scaling_factor": str(vae.config.scaling_factor),
+                    "shift_factor": str(getattr(vae.config, "shift_factor", None)),
+                    "shape": json.dumps(list(shape)), "sha256": _tensors_digest(tensors)}
+        temporary = f"{path}.tmp-{os.getpid()}"
+        try:
+            _write_or_explain(lambda: (os.makedirs(cache_dir, exist_ok=True),
+                                       save_file(tensors, temporary, metadata=metadata),
+                                       os.replace(temporary, path)), path)
+        except LatentError as error:
+            written = str(error)
+        finally:
+            with contextlib.suppress(OSError):
+                os.remove(temporary)
+            for i in range(processes.count if processes.count > 1 else 0):
+                with contextlib.suppress(OSError):
+                    os.remove(f"{path}.part-{i}-of-{processes.count}")
+        if written is None:
+            log(f"Latent cache: {n * (2 if with_flip else 1)} encodings in {time.time() - start_time:.1f} s")
+    written = processes.gather(written)[0]
+    if written is not None:
+        raise LatentError(written)
+    return (tensors["latents"], tensors.get("latents_flipped")) if first else _read_merged(path, key, shape, with_flip)
+
+
+def _encode_images(vae, image_dataset, start: int, stop: int, with_flip: bool) -> dict:
+    """``{"latents": (n, c, h, w)[, "latents_flipped": ...]}`` of items ``[start, stop)``, float32 numpy."""
+    import torch
+
     outputs = {"latents": [], "latents_flipped": []}
-    for start in range(0, n, ENCODE_BATCH):
-        pixels = torch.from_numpy(_unflipped_images(image_dataset, start, min(start + ENCODE_BATCH, n)))
+    for lo in range(start, stop, ENCODE_BATCH):
+        pixels = torch.from_numpy(_unflipped_images(image_dataset, lo, min(lo + ENCODE_BATCH, stop)))
         outputs["latents"].append(_encode(vae, pixels))
         if with_flip:  # flip the pixels, then encode: E(flip(x)) is not flip(E(x)) for a VAE
             outputs["latents_flipped"].append(_encode(vae, pixels.flip(-1)))
-    tensors = {name: np.ascontiguousarray(np.concatenate(parts)) for name, parts in outputs.items() if parts}
+    names = ["latents"] + (["latents_flipped"] if with_flip else [])
+    empty = (0, *expected_latent_shape(vae, image_dataset)[1:])  # a share of no images (more processes than images)
+    return {name: np.ascontiguousarray(np.concatenate(outputs[name])) if outputs[name]
+            else np.zeros(empty, dtype=np.float32) for name in names}
+
+
+def _non_finite_problem(tensors: dict, offset: int) -> Optional[str]:
     for name, array in tensors.items():
         bad = np.flatnonzero(~np.isfinite(array).reshape(len(array), -1).all(axis=1))
         if len(bad):
-            raise LatentError(f"The VAE encodes {len(bad)} of the {n} images to non-finite latents ({name}, first "
-                              f"image {int(bad[0])}): check the VAE's weights and scaling_factor")
-    metadata = {"key": key, "format": str(CACHE_FORMAT), "vae_class": type(vae).__name__, "encoding": "posterior mean",
-                "num_images": str(n), "resolution": str(image_dataset.resolution),
-                "random_flip": str(with_flip), "scaling_factor": str(vae.config.scaling_factor),
-                "shift_factor": str(getattr(vae.config, "shift_factor", None)),
-                "shape": json.dumps(list(shape)), "sha256": _tensors_digest(tensors)}
-    temporary = f"{path}.tmp-{os.getpid()}"
+            return f"{len(bad)} images of {name}, first image {offset + int(bad[0])}"
+    return None
+
+
+def _write_or_explain(write: Callable, path: str) -> None:
     try:
-        os.makedirs(cache_dir, exist_ok=True)
-        save_file(tensors, temporary, metadata=metadata)
-        os.replace(temporary, path)
+        write()
     except OSError as error:
-        with contextlib.suppress(OSError):
-            os.remove(temporary)
         raise LatentError(f"Cannot write the latent cache {path}: {error.strerror or error} (set --latent_cache_dir "
                           "to a writable folder)") from None
-    log(f"Latent cache: {n * (2 if with_flip else 1)} encodings in {time.time() - start_time:.1f} s")
-    return tensors["latents"], tensors.get("latents_flipped")
+
+
+def _read_merged(path: str, key: str, shape: tuple, with_flip: bool):
+    """The cache file the first process wrote or verified, read (and verified) by another process."""
+    try:
+        return read_cache(path, key, shape, with_flip)
+    except CacheProblem as problem:
+        raise LatentError(f"The latent cache {path} that the main process wrote is not readable here: {problem} "
+                          "(--latent_cache_dir must be a folder every process shares)") from None
 
 
 class LatentDataset:

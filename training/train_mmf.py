@@ -46,6 +46,9 @@ forward and backward passes use the unwrapped modules, whose gradients DDP does 
 after a forward through the wrapper), and after the last micro-batch of a step every rank all-reduces (mean) one flat
 buffer holding all gradients plus the loss statistics. Either way every rank applies the same averaged gradient, so
 the parameters stay bit-identical (``--check_param_sync`` verifies it at every step).
+FSDP2 and DeepSpeed ZeRO-2/3 (``accelerate launch --config_file training/configs/<engine>.yaml``): what differs per
+engine (one wrapped module, EMA placement, gathering weights for saving and sample grids, checkpoint names, the
+resume decision, the process-group timeout) is in ``training/engine.py``; see docs/multi_gpu.md.
 The randomness of the loss (t, r, noise) is drawn by each rank for its own rows, on its device, each row from a
 generator seeded by (one number drawn per micro-batch from a generator that every rank seeds alike, the row's index in
 the global batch), and which rows have r != t is a fixed pattern of that index: N processes with batch B follow a
@@ -57,6 +60,8 @@ launcher).
 Test hooks (used by tests/test_training.py; leave unset otherwise): ``MMF_TEST_KILL=during_save:<step>`` kills the
 process with SIGKILL in the middle of writing the checkpoint of <step> (after the accelerate state, before the
 metadata and the rename); ``MMF_TEST_KILL=after_save:<step>`` kills it right after that checkpoint is complete.
+``MMF_TEST_ENGINE_ON_CPU=1`` (tests/test_fsdp.py) applies an FSDP2 / DeepSpeed configuration to CPU processes, which
+accelerate leaves unapplied there (engine.py).
 """
 
 from __future__ import annotations
@@ -80,6 +85,7 @@ import output_dir as out_dir  # noqa: E402  (standard library only)
 import run_state  # noqa: E402  (imports torch/safetensors only inside its functions)
 import trajectory_modality  # noqa: E402  (--modality trajectory; argparse only at import)
 import latents as latent_lib  # noqa: E402  (--vae_name_or_path; numpy only at import)
+import engine as engine_lib  # noqa: E402  (DDP / FSDP2 / DeepSpeed; standard library only at import)
 from mmf_diffusers import hub_token  # noqa: E402  (standard library only)
 
 LAM_SCHEDULES = ("constant", "linear", "cosine", "sqrt", "step")
@@ -311,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repository as private.")
     trajectory_modality.add_arguments(parser)
     latent_lib.add_arguments(parser)
+    engine_lib.add_arguments(parser)
     return parser
 
 
@@ -402,6 +409,7 @@ def validate_args(args: argparse.Namespace) -> None:
         need(bool(args.pretrained_unet_subfolder.strip()), "--pretrained_unet_subfolder is empty")
 
     latent_lib.validate(args, need)
+    engine_lib.validate(args, need)
 
     problem = out_dir.output_dir_problem(args.output_dir)
     need(problem is None, problem)
@@ -684,7 +692,7 @@ def main(argv=None) -> int:
     except (run_lock.OutputDirLocked, out_dir.EarlierRun) as error:
         print(f"train_mmf.py: error: {error}", file=sys.stderr)
         return 2
-    except (DataError, ConfigError) as error:
+    except (DataError, ConfigError, engine_lib.EngineError) as error:
         print(f"train_mmf.py: error: {error}", file=sys.stderr)
         return 2
     except TrainingDiverged as error:
@@ -700,49 +708,58 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
 
-    # 1. accelerator; on a machine without GPU, multi-process runs use the CPU (gloo) backend
-    has_device = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+    # 1. accelerator and its engine (DDP, FSDP2, DeepSpeed: engine.py); on a machine without GPU, multi-process runs
+    # use the CPU (gloo) backend
     logging_dir = os.path.join(args.output_dir, args.logging_dir)
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=None if args.logger == "none" else args.logger,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
-        cpu=not has_device and int(os.environ.get("WORLD_SIZE", "1")) > 1,
+        **engine_lib.accelerator_kwargs(args),  # the process-group timeout; cpu=True without a GPU
     )
+    engine_lib.apply_cpu_stand_in(accelerator)  # tests only: MMF_TEST_ENGINE_ON_CPU=1 (engine.py)
     is_main = accelerator.is_main_process
     log = print if is_main else (lambda *a, **k: None)
-    check_engine(accelerator, args.derivative, log)
+    engine = engine_lib.Engine(accelerator, args, log)
     resolve_mixed_precision(args, accelerator, log)
 
-    # 2. resume target and seed (a resumed run keeps the checkpoint's seed: it fixes data order and noise)
-    resume_path = None
-    if args.resume_from_checkpoint == "latest":
-        found = ckpt.list_checkpoints(args.output_dir)
-        try:  # an older script's checkpoint is refused, not skipped (a fresh run would overwrite it)
-            if found:
-                run_state.refuse_pickled_state(found[-1][1])
-        except run_state.UnsafeCheckpoint as error:
-            raise ConfigError(f"Cannot resume: {error}")
-        resume_path = ckpt.latest_checkpoint(args.output_dir, required=run_state.CHECKPOINT_FILES,
-                                             metadata_check=run_state.metadata_problem, on_skip=lambda path, why: log(f"Skipping damaged {path}: {why}"))
-        if resume_path is None and found:
-            raise ConfigError(f"--resume_from_checkpoint latest: none of the {len(found)} checkpoints in "
-                              f"{args.output_dir} is intact (see above); a new run would overwrite them. Move them "
-                              "away to start afresh.")
-        if resume_path is None:
-            log(f"No complete checkpoint in {args.output_dir}; starting a new training run.")
-    elif args.resume_from_checkpoint is not None:
-        resume_path = args.resume_from_checkpoint
-        problem = ckpt.checkpoint_problem(resume_path, run_state.CHECKPOINT_FILES,
-                                          metadata_check=run_state.metadata_problem)
-        if problem:
-            raise ConfigError(f"Cannot resume from {resume_path}: {problem}")
-    if resume_path is not None:
-        try:
-            run_state.refuse_pickled_state(resume_path)  # before reading anything else in it
-        except run_state.UnsafeCheckpoint as error:
-            raise ConfigError(f"Cannot resume: {error}")
+    # 2. resume target and seed (a resumed run keeps the checkpoint's seed: it fixes data order and noise). One
+    # decision, made on the main process (which repaired interrupted saves) and given to every rank.
+    def find_resume_checkpoint():
+        resume_path = None
+        if args.resume_from_checkpoint == "latest":
+            found = ckpt.list_checkpoints(args.output_dir)
+            try:  # an older script's checkpoint is refused, not skipped (a fresh run would overwrite it)
+                if found:
+                    run_state.refuse_pickled_state(found[-1][1])
+                    engine.refuse_other_engine(found[-1][1])  # another engine's files are not damage: say so
+            except run_state.UnsafeCheckpoint as error:
+                raise ConfigError(f"Cannot resume: {error}")
+            resume_path = ckpt.latest_checkpoint(args.output_dir, required=engine.checkpoint_files,
+                                                 metadata_check=run_state.metadata_problem,
+                                                 on_skip=lambda path, why: log(f"Skipping damaged {path}: {why}"))
+            if resume_path is None and found:
+                raise ConfigError(f"--resume_from_checkpoint latest: none of the {len(found)} checkpoints in "
+                                  f"{args.output_dir} is intact (see above); a new run would overwrite them. Move them "
+                                  "away to start afresh.")
+            if resume_path is None:
+                log(f"No complete checkpoint in {args.output_dir}; starting a new training run.")
+        elif args.resume_from_checkpoint is not None:
+            resume_path = args.resume_from_checkpoint
+            problem = ckpt.checkpoint_problem(resume_path, engine.checkpoint_files,
+                                              metadata_check=run_state.metadata_problem)
+            if problem:
+                raise ConfigError(f"Cannot resume from {resume_path}: {problem}")
+        if resume_path is not None:
+            try:
+                run_state.refuse_pickled_state(resume_path)  # before reading anything else in it
+            except run_state.UnsafeCheckpoint as error:
+                raise ConfigError(f"Cannot resume: {error}")
+            engine.refuse_other_engine(resume_path)
+        return resume_path
+
+    resume_path = engine.on_main(find_resume_checkpoint, error_class=ConfigError)
     resume_meta = ckpt.read_metadata(resume_path) if resume_path else None
     if resume_meta is not None:
         saved_seed = resume_meta["config"]["seed"]
@@ -862,18 +879,15 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
             conditioner.register_to_config(guidance_w=args.cfg_w, guidance_kappa=args.cfg_kappa)
         conditioner.train()
     unet.train()
-    modules = [unet] if conditioner is None else [unet, conditioner]
-    num_params = sum(p.numel() for m in modules for p in m.parameters())
+    # One module (the UNet, or the UNet and its conditioner): FSDP2 and DeepSpeed accept one model per engine.
+    model = engine_lib.combine(unet, conditioner, args.time_scale, args.second_time)
+    num_params = sum(p.numel() for p in model.parameters())
 
-    def all_parameters():
-        return [p for m in modules for p in m.parameters()]
+    def make_ema(parameters):  # built by engine.prepare where the engine keeps the parameters
+        return EMAModel(parameters, decay=args.ema_max_decay, use_ema_warmup=True, inv_gamma=args.ema_inv_gamma,
+                        power=args.ema_power, model_cls=type(unet), model_config=unet.config)
 
-    ema = None
-    if args.use_ema:
-        ema = EMAModel(all_parameters(), decay=args.ema_max_decay, use_ema_warmup=True, inv_gamma=args.ema_inv_gamma,
-                       power=args.ema_power, model_cls=type(unet), model_config=unet.config)
-
-    optimizer = torch.optim.AdamW(all_parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
     # Not prepared by accelerate, which would step it once per process per optimiser step.
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
@@ -890,35 +904,34 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
     loss_generator = torch.Generator().manual_seed(args.seed + 1)
     state = TrainingState(loss_generator)
 
-    prepared, optimizer = prepare_for_training(accelerator, modules, optimizer, ema)
-    # Under --mixed_precision, prepare() wraps each module's forward in autocast (and casts outputs to float32); the
-    # loss's autocast(enabled=False) around du/dt cannot reach inside that wrapper. keep_fp32_wrapper=False strips it
-    # in place (DDP wraps the same module object): autocast then comes from the accelerator.autocast() around the
-    # loss call alone, so the main forward runs in low precision and du/dt in float32.
-    inner = accelerator.unwrap_model(prepared[0], keep_fp32_wrapper=False)
-    inner_conditioner = (accelerator.unwrap_model(prepared[1], keep_fp32_wrapper=False) if conditioner is not None
-                         else None)
-    inner_modules = [inner] if inner_conditioner is None else [inner, inner_conditioner]
+    prepared, optimizer, ema = engine.prepare(model, optimizer, make_ema if args.use_ema else None)
+    # Under --mixed_precision, prepare() wraps the forward in autocast (and casts outputs to float32); the loss's
+    # autocast(enabled=False) around du/dt cannot reach inside that wrapper. engine.unwrap strips it in place (DDP wraps
+    # the same module object): autocast then comes from the accelerator.autocast() around the loss call alone, so the
+    # main forward runs in low precision and du/dt in float32.
+    inner = engine.unwrap(prepared)
+    inner_conditioner = engine_lib.split(inner)[1]
 
     def inner_parameters():
-        return [p for m in inner_modules for p in m.parameters()]
+        return list(inner.parameters())
 
-    # jvp: the loss runs on the unwrapped modules and gradients are averaged by hand (_average_gradients);
-    # finite differences: through accelerate's wrappers (DDP, ...), which synchronise gradients themselves.
-    hand_reduce = uses_hand_reduce(args.derivative)
-    fwd_unet, fwd_conditioner = loss_modules(prepared, inner_modules, hand_reduce)
+    # jvp: the loss runs on the unwrapped module and gradients are averaged by hand (engine.average_gradients);
+    # finite differences: through accelerate's wrapper (DDP, FSDP2, DeepSpeed), which synchronises gradients itself.
+    hand_reduce = engine.hand_reduce
+    fwd = engine.loss_model(prepared, inner)
     if args.torch_compile:
-        backend = {"backend": args.torch_compile_backend} if args.torch_compile_backend else {}
-        fwd_unet = torch.compile(fwd_unet, **backend)
+        fwd = torch.compile(fwd, **({"backend": args.torch_compile_backend} if args.torch_compile_backend else {}))
     if modality is not None:
-        model_fn = modality.model_fn(fwd_unet)
+        model_fn = modality.model_fn(fwd)
+    elif inner_conditioner is None:
+        model_fn = unet_model_fn(fwd, args.time_scale, args.second_time)
     else:
-        model_fn = unet_model_fn(fwd_unet, args.time_scale, args.second_time, conditioner=fwd_conditioner)
+        model_fn = fwd  # engine_lib.combine's module: (z, r, t, class_labels) -> u
     params = [p for p in inner_parameters() if p.requires_grad]
     if accelerator.num_processes > 1:
         log("Gradient synchronisation: " + ("hand-written all-reduce of the unwrapped modules' gradients (torch.func.jvp "
                                            "cannot go through DDP)" if hand_reduce else
-                                           f"accelerate's {type(prepared[0]).__name__} wrapper"))
+                                           f"accelerate's {type(prepared).__name__} wrapper"))
     # The curriculum, LR schedule, run position and EMA are saved by run_state as JSON + safetensors, not registered
     # with accelerate (which pickles them and would unpickle a crafted checkpoint with weights_only=False).
 
@@ -950,8 +963,7 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
         except (OSError, RuntimeError, KeyError, pickle.UnpicklingError) as error:  # a damaged accelerate file
             raise ConfigError(f"Cannot resume from {resume_path}: a file of the checkpoint is damaged or missing "
                               f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})")
-        if ema is not None:
-            ema.to(accelerator.device)
+        engine.place_ema(ema, inner_parameters())  # the saved whole EMA weights, onto this rank's device / shards
         # A new --learning_rate on resume is honoured (e.g. after a divergence): the restored schedule continues
         # from its position with the new peak, and training_config.json records the value in use.
         old_lr = run_state.set_base_learning_rate(optimizer, lr_scheduler, args.learning_rate)
@@ -988,63 +1000,62 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
                       (accelerator.process_index + 1) * args.train_batch_size)
     sample_shape = modality.sample_shape if modality else (unet_channels, unet_size, unet_size)
 
-    def make_pipeline():
+    def make_pipeline(unet, conditioner):
         if modality is not None:
-            return modality.make_pipeline(inner)
-        return MMFPipeline(unet=inner, scheduler=MMFScheduler(), conditioner=inner_conditioner,
+            return modality.make_pipeline(unet)
+        return MMFPipeline(unet=unet, scheduler=MMFScheduler(), conditioner=conditioner,
                            vae=latent.vae if latent else None, time_scale=args.time_scale,
                            second_time=args.second_time)
 
-    def with_ema_weights(fn):
-        if ema is None:
-            return fn()
-        ema.store(inner_parameters())
-        ema.copy_to(inner_parameters())
-        try:
-            return fn()
-        finally:
-            ema.restore(inner_parameters())
-
-    def save_sample_grids(step: int):
-        def run():
-            pipeline = make_pipeline()
-            pipeline.set_progress_bar_config(disable=True)
-            for module in inner_modules:
-                module.eval()
-            # A class-conditional grid cycles through the classes: image i asks for class i mod K.
-            labels = None
-            if inner_conditioner is not None:
-                labels = cycled_labels(args.num_sample_images, inner_conditioner.config.num_classes)
-            paths = {}
-            for steps in (1, 2):
-                if modality is not None:
-                    path = os.path.join(args.output_dir, "samples", f"step-{step:06d}-{steps}step.png")
-                    os.makedirs(os.path.dirname(path), exist_ok=True)
-                    paths[steps] = modality.save_samples(pipeline, path, steps, args.seed)
-                    continue
-                generator = torch.Generator().manual_seed(args.seed)
-                images = pipeline(num_images=args.num_sample_images, num_inference_steps=steps, generator=generator,
-                                  output_type="np", class_labels=labels).images
+    def write_sample_grids(step: int, unet, conditioner) -> dict:
+        """Main process: sample grids at 1 and 2 steps from modules that hold the weights to show."""
+        pipeline = make_pipeline(unet, conditioner)
+        pipeline.set_progress_bar_config(disable=True)
+        shown = [m for m in (unet, conditioner) if m is not None]
+        for module in shown:
+            module.eval()
+        # A class-conditional grid cycles through the classes: image i asks for class i mod K.
+        labels = None
+        if conditioner is not None:
+            labels = cycled_labels(args.num_sample_images, conditioner.config.num_classes)
+        paths = {}
+        for steps in (1, 2):
+            if modality is not None:
                 path = os.path.join(args.output_dir, "samples", f"step-{step:06d}-{steps}step.png")
                 os.makedirs(os.path.dirname(path), exist_ok=True)
-                _image_grid(images).save(path)
-                paths[steps] = path
-                tracker = _tensorboard_tracker(accelerator)
-                if tracker is not None:
-                    tracker.writer.add_images(f"samples/{steps}_step", images, step, dataformats="NHWC")
-            for module in inner_modules:
-                module.train()
-            return paths
-        return with_ema_weights(run)
+                paths[steps] = modality.save_samples(pipeline, path, steps, args.seed)
+                continue
+            generator = torch.Generator().manual_seed(args.seed)
+            images = pipeline(num_images=args.num_sample_images, num_inference_steps=steps, generator=generator,
+                              output_type="np", class_labels=labels).images
+            path = os.path.join(args.output_dir, "samples", f"step-{step:06d}-{steps}step.png")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            _image_grid(images).save(path)
+            paths[steps] = path
+            tracker = _tensorboard_tracker(accelerator)
+            if tracker is not None:
+                tracker.writer.add_images(f"samples/{steps}_step", images, step, dataformats="NHWC")
+        for module in shown:
+            module.train()
+        return paths
+
+    def save_sample_grids(step: int):
+        """Every rank: the grids of the weights to show (the EMA's with --use_ema), written by the main process
+        (engine.exported gathers sharded weights first: no rank samples through a sharded module alone)."""
+        with engine.exported(prepared, inner, ema) as modules:
+            if modules is not None:
+                write_sample_grids(step, *modules)
 
     def save_pipeline_folder(step: int, wall_time: float, final: bool):
-        """The loadable pipeline (EMA weights with --use_ema), its card and a one-step sample grid."""
-        _refuse_non_finite_weights(inner_modules, ema, step, args)
-
-        def run():
-            make_pipeline().save_pretrained(args.output_dir)
-        with_ema_weights(run)
-        paths = save_sample_grids(step)
+        """Every rank: the loadable pipeline (EMA weights with --use_ema), its card and a one-step sample grid,
+        written by the main process."""
+        _refuse_non_finite_weights(inner, ema, step, args, engine)
+        with engine.exported(prepared, inner, ema) as modules:
+            if modules is not None:
+                make_pipeline(*modules).save_pretrained(args.output_dir)
+                paths = write_sample_grids(step, *modules)
+        if not is_main:
+            return
         grid = os.path.join(args.output_dir, "sample_grid.png")
         with open(paths[1], "rb") as src, open(grid, "wb") as dst:
             dst.write(src.read())
@@ -1066,23 +1077,28 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
         push_fn(args.output_dir, f"{'End of training' if final else 'Checkpoint'}: step {step}")
 
     def save_checkpoint(step: int):
-        _refuse_non_finite_weights(inner_modules, ema, step, args)  # the last good checkpoint and pipeline stay
+        """Every rank: accelerate's state (collective under FSDP2 / DeepSpeed), then the main process writes the
+        script's state and commits the folder; then the pipeline folder."""
+        _refuse_non_finite_weights(inner, ema, step, args, engine)  # the last good checkpoint and pipeline stay
         tmp = ckpt.temp_checkpoint_dir(args.output_dir, step)
         if is_main:
             ckpt.prepare_temp_dir(args.output_dir, step)
         accelerator.wait_for_everyone()
         accelerator.save_state(tmp)
+        ema_state = engine.checkpoint_ema(ema)  # whole EMA weights (FSDP2: gathered from every rank's shards)
         accelerator.wait_for_everyone()
         if is_main:
-            run_state.save_state(tmp, schedule=schedule, lr_scheduler=lr_scheduler, position=state, ema=ema)
+            run_state.save_state(tmp, schedule=schedule, lr_scheduler=lr_scheduler, position=state, ema=ema_state)
             _test_kill("during_save", step)
             metadata = {"global_step": step, "micro_batch": state.micro_batch, "global_batch_size": global_batch,
                         "num_samples": len(dataset), "use_ema": bool(args.use_ema),
-                        "num_processes": accelerator.num_processes, "config": config}
+                        "num_processes": accelerator.num_processes, "engine": engine.checkpoint_format,
+                        "config": config}
             final = ckpt.commit_checkpoint(tmp, args.output_dir, step, metadata)
             removed = ckpt.rotate_checkpoints(args.output_dir, args.checkpoints_total_limit)
             log(f"\nSaved {final}" + (f"; removed {', '.join(map(os.path.basename, removed))}" if removed else ""))
-            save_pipeline_folder(step, time.time() - start_time, final=False)
+        save_pipeline_folder(step, time.time() - start_time, final=False)
+        if is_main:
             _test_kill("after_save", step)
         accelerator.wait_for_everyone()
 
@@ -1102,7 +1118,7 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
         for _ in range(accum):
             # accumulate(): DDP skips the gradient all-reduce on all but the last micro-batch of the step, and
             # accelerator.backward divides the loss by --gradient_accumulation_steps.
-            with accelerator.accumulate(*prepared):
+            with accelerator.accumulate(prepared):
                 batch = next(batches)
                 labels = None
                 if inner_conditioner is not None:
@@ -1126,15 +1142,14 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
                                         s["frac_r_neq_t"], s["mean_weight"]], dtype=torch.float64)
             state.micro_batch += 1
         if hand_reduce:
-            stats = _average_gradients(accelerator, params, totals / accum)
+            stats = engine.average_gradients(params, totals / accum)
         else:
             stats = accelerator.reduce(totals.to(accelerator.device) / accum, reduction="mean").double().cpu()
         stats = dict(zip(stat_names, stats.tolist()))
         stats["mean_abs_dudt"] = stats["mean_abs_dudt"] / stats["frac_r_neq_t"] if stats["frac_r_neq_t"] > 0 else 0.0
         if not math.isfinite(stats["loss"]):
             raise TrainingDiverged(_diverged_message("loss", stats["loss"], global_step + 1, lam, args))
-        grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm if args.max_grad_norm > 0 else math.inf)
-        grad_norm = float(grad_norm)
+        grad_norm = engine.clip_grad_norm(params, args.max_grad_norm if args.max_grad_norm > 0 else math.inf)
         if not math.isfinite(grad_norm) and accelerator.scaler is None:  # fp16's gradient scaler skips such steps
             raise TrainingDiverged(_diverged_message("gradient norm", grad_norm, global_step + 1, lam, args))
         lr = lr_scheduler.get_last_lr()[0]
@@ -1151,7 +1166,7 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
         global_step += 1
         state.global_step = global_step
         if args.check_param_sync:
-            _check_param_sync(accelerator, params, global_step)
+            engine.check_param_sync(params, global_step)
 
         step_time, step_cpu = time.time() - step_start, time.process_time() - step_start_cpu
         record = {"step": global_step, "loss": stats["loss"], "mse": stats["mse"], "lam": lam,
@@ -1171,15 +1186,14 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
         with out_dir.deferred_interrupts():  # an interrupt waits for the save: nothing half-written
             if global_step % args.checkpointing_steps == 0:
                 save_checkpoint(global_step)
-            elif global_step % args.save_images_steps == 0 and is_main:
-                save_sample_grids(global_step)
+            elif global_step % args.save_images_steps == 0:
+                save_sample_grids(global_step)  # every rank: sharded weights are gathered first
     progress.close()
 
     # 8. the final pipeline folder (written again even if a checkpoint just wrote it: it also pushes the final version)
     accelerator.wait_for_everyone()
-    if is_main:
-        with out_dir.deferred_interrupts():
-            save_pipeline_folder(global_step, time.time() - start_time, final=True)
+    with out_dir.deferred_interrupts():
+        save_pipeline_folder(global_step, time.time() - start_time, final=True)  # every rank; the main one writes
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if jsonl is not None:
@@ -1206,7 +1220,8 @@ def _config_summary(config: dict, path: str) -> str:
 
 def _latent_space(args, image_dataset, num_channels, accelerator, log, error_class, saved_config=None):
     """--vae_name_or_path: the frozen VAE, the checks (before any encoding), and the cached latents; see latents.py.
-    The main process encodes (or finds the cache) first, the others then read its file. ``saved_config``: the
+    Every process encodes its share of the images on its device (or the main process finds the cache), and all read
+    the merged file. ``saved_config``: the
     configuration of the checkpoint resumed from, whose VAE must be this one (checked before any encoding)."""
     cache_dir = args.latent_cache_dir or os.path.join(args.output_dir, "latent_cache")
     try:
@@ -1217,8 +1232,11 @@ def _latent_space(args, image_dataset, num_channels, accelerator, log, error_cla
         if changed:
             raise error_class(f"Cannot resume: the run changed ({'; '.join(changed)}). The VAE is fixed by the "
                               "checkpoint (its latent space): use the VAE it was trained with.")
-        with accelerator.main_process_first():
-            latent.encode_dataset(image_dataset, cache_dir, log=log)
+        from accelerate.utils import gather_object
+
+        processes = latent_lib.Processes(accelerator.process_index, accelerator.num_processes,
+                                         gather=lambda obj: gather_object([obj]), barrier=accelerator.wait_for_everyone)
+        latent.encode_dataset(image_dataset, cache_dir, log=log, processes=processes)
     except latent_lib.LatentError as error:
         raise error_class(str(error))
     log(f"Latent space: {type(vae).__name__} (factor {latent.factor}); the UNet works on {latent.channels}x"
@@ -1237,20 +1255,6 @@ def _tensorboard_tracker(accelerator):
         if tracker.name == "tensorboard":
             return tracker
     return None
-
-
-def check_engine(accelerator, derivative: str, log=print) -> None:
-    """Refuse jvp on engines that shard parameters: its hand-written all-reduce needs every rank to hold whole
-    gradients of the unwrapped modules, which FSDP and DeepSpeed do not give. Say so when an FSDP configuration was
-    not applied (accelerate 1.15 runs CPU processes with DDP whatever the configuration says)."""
-    engine = str(accelerator.distributed_type).rsplit(".", 1)[-1]
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and engine != "FSDP":
-        log(f"Note: the accelerate configuration asks for FSDP, but accelerate runs {engine} here (it has no FSDP for "
-            "CPU processes); the model is not sharded.")
-    if uses_hand_reduce(derivative) and engine in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
-        raise ConfigError(f"--derivative {derivative} cannot run under accelerate's {engine} (torch.func.jvp cannot go "
-                          "through the wrapper, and the hand-written gradient all-reduce needs unsharded parameters); "
-                          "use --derivative finite_difference")
 
 
 def resolve_mixed_precision(args, accelerator, log=print) -> None:
@@ -1274,31 +1278,6 @@ def resolve_mixed_precision(args, accelerator, log=print) -> None:
                           "--modality trajectory: pass --mixed_precision no")
 
 
-def uses_hand_reduce(derivative: str) -> bool:
-    """Whether the loss must run on the unwrapped modules with a hand-written gradient all-reduce: torch.func.jvp
-    cannot go through DistributedDataParallel (nor FSDP); finite differences are ordinary forwards."""
-    return derivative == "jvp"
-
-
-def loss_modules(prepared, inner_modules, hand_reduce: bool):
-    """``(unet, conditioner or None)`` that the loss calls: accelerate's prepared (wrapped) modules, as diffusers'
-    scripts use them, or the unwrapped ones with ``hand_reduce``. DDP handles the loss's several forwards (a no-grad
-    one for the model tangent, the main one, a shifted one that carries gradient when lam > 0) before one backward:
-    checked with torch 2.13 over gloo, default DistributedDataParallel arguments (tests/test_multiprocess.py)."""
-    modules = inner_modules if hand_reduce else prepared
-    return modules[0], (modules[1] if len(modules) > 1 else None)
-
-
-def prepare_for_training(accelerator, modules, optimizer, ema):
-    """``accelerator.prepare`` the modules and the optimiser, then move the EMA's shadow weights to the device, as
-    diffusers' scripts do right after prepare: EMAModel copies the parameters where they are when it is built (the
-    CPU, before prepare), and its first ``step`` would mix devices. Returns ``(prepared modules, optimizer)``."""
-    *prepared, optimizer = accelerator.prepare(*modules, optimizer)
-    if ema is not None:
-        ema.to(accelerator.device)
-    return prepared, optimizer
-
-
 def draw_loss_randomness(time_sampler, generator, rank_rows: slice, sample_shape, device, dtype, label_dropout=None):
     """This rank's ``t, r`` ``(b,)``, ``noise`` ``(b, *sample_shape)`` (of ``dtype``) and label-drop mask ``(b,)``
     (None without ``label_dropout``), for the rows ``rank_rows`` of the global batch, drawn on ``device``.
@@ -1316,51 +1295,14 @@ def draw_loss_randomness(time_sampler, generator, rank_rows: slice, sample_shape
     return draw_row_randomness(time_sampler, base_seed, rows, sample_shape, device, dtype, label_dropout)
 
 
-def _average_gradients(accelerator, params, extras):
-    """All-reduce (mean over processes) every parameter's gradient plus the ``extras`` statistics, in one flat
-    buffer; returns the averaged extras. A parameter without a gradient counts as zero so every rank sends the same
-    layout. With one process nothing is communicated."""
-    import torch
-
-    if accelerator.num_processes == 1:
-        return extras
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1).float() for g in grads] + [extras.float().to(grads[0].device)])
-    flat = accelerator.reduce(flat, reduction="mean")
-    offset = 0
-    for p, g in zip(params, grads):
-        n = g.numel()
-        if p.grad is None:
-            p.grad = torch.empty_like(p)
-        p.grad.copy_(flat[offset:offset + n].view_as(p))
-        offset += n
-    return flat[offset:].double().cpu()
-
-
-def _check_param_sync(accelerator, params, step: int) -> None:
-    """Stop if the parameters differ across processes (compares a SHA-256 of their bytes)."""
-    import hashlib
-
-    import torch
-
-    digest = hashlib.sha256()
-    for p in params:
-        digest.update(p.detach().cpu().contiguous().numpy().tobytes())
-    value = torch.tensor([int.from_bytes(digest.digest()[:7], "little")], dtype=torch.int64,
-                         device=accelerator.device)
-    gathered = accelerator.gather(value).tolist()
-    if len(set(gathered)) != 1:
-        raise RuntimeError(f"Parameters differ across processes after step {step}: checksums {gathered}")
-
-
-def _refuse_non_finite_weights(modules, ema, step: int, args) -> None:
-    """Raise TrainingDiverged before a save if any weight (or EMA weight) is NaN or infinite: a checkpoint or
+def _refuse_non_finite_weights(model, ema, step: int, args, engine=None) -> None:
+    """Every rank: raise TrainingDiverged before a save if any weight (or EMA weight) is NaN or infinite, on any rank
+    (``engine.non_finite`` agrees across ranks; without an engine this process alone is checked): a checkpoint or
     pipeline with such weights is useless, and writing it would replace the last good one."""
-    import torch
-
-    bad = [name for module in modules for name, p in module.named_parameters() if not bool(torch.isfinite(p).all())]
+    named = list(model.named_parameters())
     if ema is not None:
-        bad += [f"ema.{i}" for i, p in enumerate(ema.shadow_params) if not bool(torch.isfinite(p).all())]
+        named += [(f"ema.{i}", p) for i, p in enumerate(ema.shadow_params)]
+    bad = (engine.non_finite if engine is not None else engine_lib.non_finite_here)(named)
     if bad:
         raise TrainingDiverged(
             f"non-finite weights in {len(bad)} tensor(s) (e.g. {bad[0]}) at step {step}; stopping before saving them. "
