@@ -20,6 +20,7 @@ import inspect
 import json
 import os
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -122,8 +123,21 @@ def test_shipped_folder_carries_the_current_remote_code(folder):
             assert f.read() == g.read(), f"pipelines/{folder}/{copy_name} is stale; {refresh}"
 
 
+@pytest.fixture
+def modules_cache(tmp_path, monkeypatch):
+    """diffusers copies remote code into its modules cache before running it: use a private one, so that the test
+    neither writes into the user's cache nor races another process loading a different ``pipeline.py`` there."""
+    import diffusers.utils.dynamic_modules_utils as dynamic
+
+    monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    for name in [m for m in sys.modules if m.split(".")[0] == "diffusers_modules"]:
+        monkeypatch.delitem(sys.modules, name)
+    return tmp_path / "modules"
+
+
 @pytest.mark.parametrize("folder", SHIPPED)
-def test_shipped_folder_loads_both_ways_with_the_same_samples(folder):
+def test_shipped_folder_loads_both_ways_with_the_same_samples(folder, modules_cache):
     path = os.path.join(ROOT, "pipelines", folder)
     with open(os.path.join(path, "model_index.json")) as f:
         cls = PACKAGE_CLASSES[json.load(f)["_mmf_package_layout"]["_class_name"]]
@@ -133,6 +147,7 @@ def test_shipped_folder_loads_both_ways_with_the_same_samples(folder):
     # diffusers ran the folder's own copies, not the installed package
     assert type(remote).__module__.startswith("diffusers_modules") and type(remote).__name__ == cls.__name__
     assert type(remote.scheduler).__module__.startswith("diffusers_modules")
+    assert (modules_cache / "diffusers_modules" / "local" / "pipeline.py").is_file()
     outputs = [call(pipe, generator=seeded(0), output_type="pt") for pipe in (package, remote)]
     torch.testing.assert_close(outputs[0], outputs[1], atol=0, rtol=0)
 
@@ -391,18 +406,21 @@ def test_batching_errors_say_what_was_wrong(kwargs, match):
 
 # ---------------------------------------------------------------------------------------------------- layerwise casting
 def _float8_rounded_reference(pipe):
-    """A copy of ``pipe`` whose UNet weights that layerwise casting stores in float8 are rounded through float8 and
-    kept in float32: layerwise casting must compute exactly what this model computes."""
+    """A copy of ``pipe`` with layerwise casting on its UNet (and conditioner), and a copy whose weights that layerwise
+    casting stores in float8 are rounded through float8 and kept in float32: the first must compute exactly what the
+    second computes."""
     reference = copy.deepcopy(pipe)
     cast = copy.deepcopy(pipe)
-    cast.unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
-    stored = dict(cast.unet.named_parameters())
+    names = [name for name in ("unet", "conditioner") if getattr(pipe, name, None) is not None]
     rounded = 0
-    with torch.no_grad():
-        for name, parameter in reference.unet.named_parameters():
-            if stored[name].dtype == torch.float8_e4m3fn:
-                parameter.copy_(parameter.to(torch.float8_e4m3fn).float())
-                rounded += 1
+    for name in names:
+        getattr(cast, name).enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+        stored = dict(getattr(cast, name).named_parameters())
+        with torch.no_grad():
+            for key, parameter in getattr(reference, name).named_parameters():
+                if stored[key].dtype == torch.float8_e4m3fn:
+                    parameter.copy_(parameter.to(torch.float8_e4m3fn).float())
+                    rounded += 1
     assert rounded > 10
     return cast, reference
 
