@@ -397,6 +397,7 @@ def test_per_image_generators_make_each_image_as_alone(kind):
     ({"class_labels": [[0, 1], [1, 2]]}, "A class label must be an int id or a name, got \\[0, 1\\]"),
     ({"class_labels": torch.tensor([[0, 1]])}, r"\(B, 1\) column"),
     ({"class_labels": [0, 1], "batch_size": 3}, r"Got 2 class labels for 3 images \(batch_size=3\)"),
+    ({"class_labels": []}, "`class_labels` is empty"),
 ])
 def test_batching_errors_say_what_was_wrong(kwargs, match):
     with pytest.raises(ValueError, match=match) as error:
@@ -470,6 +471,16 @@ def test_height_and_width_are_accepted_like_diffusers_pipelines():
     latents = torch.randn(2, 1, 4, 12, generator=seeded(0))
     assert pipe(height=4, width=12, latents=latents, output_type="pt").images.shape == (2, 1, 4, 12)
     assert latent()(height=16, width=16, output_type="latent").images.shape == (1, 4, 8, 8)
+
+
+def test_a_sample_size_the_unet_cannot_run_is_refused_in_one_line(tmp_path):
+    unconditional().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "unet" / "config.json").read_text())
+    config["sample_size"] = 9
+    (tmp_path / "unet" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="sample_size makes 9x9 images, which its 2 levels cannot run on") as error:
+        MMFPipeline.from_pretrained(tmp_path)(output_type="np")
+    assert "\n" not in str(error.value)
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -465,6 +465,11 @@ class MMFPipeline(DiffusionPipeline):
         sides = []
         for name, value, fallback in (("height", height, default[0]), ("width", width, default[1])):
             if value is None:
+                if fallback % multiple:
+                    levels = len(self.unet.config.block_out_channels)
+                    raise ValueError(f"The UNet's sample_size makes {default[0]}x{default[1]} images, which its "
+                                     f"{levels} levels cannot run on (each side must be a multiple of {multiple}): the "
+                                     "folder's unet/config.json does not fit its UNet")
                 value = fallback
             value = self._check_positive_int(name, value)
             if value % multiple:
@@ -544,6 +549,8 @@ class MMFPipeline(DiffusionPipeline):
             raise ValueError(f"`{given}` was given, but this model is unconditional (it has no conditioner)")
         count = num_images if num_images is not None else batch_size
         label_count = _count_labels(class_labels)
+        if label_count == 0:
+            raise ValueError("`class_labels` is empty: give one label per image, or a single label for all")
         if count is not None:
             source = f"num_images={count}" if num_images is not None else f"batch_size={count}"
         elif label_count is not None:
