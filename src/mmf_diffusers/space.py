@@ -15,7 +15,10 @@ from mmf_diffusers.hub_timeouts import use_hub_timeouts
 # Every Hub request ends within MMF_HUB_TIMEOUT seconds (default 30), as in the command-line tools: a Hub that does
 # not answer stops the app with an error instead of leaving it loading forever.
 use_hub_timeouts()
-demo = build_demo("{repo_id}")
+try:
+    demo = build_demo("{repo_id}")
+except (OSError, ValueError) as error:  # the Hub does not answer, the repository is not there: one line in the log
+    raise SystemExit(f"The demo of {repo_id} cannot start: {{error}}")
 demo.queue(default_concurrency_limit=1)
 
 if __name__ == "__main__":
