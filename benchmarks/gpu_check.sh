@@ -39,7 +39,8 @@ START=$SECONDS
 if [ "$DRY" = "1" ]; then
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
   DEVICE=cpu; STEPS=2; WARMUP=1; IMAGES=16; RESOLUTION=16
-  RUN_TIMEOUT=300; ONE_STEP_TIMEOUT=300; LATENT_TIMEOUT=300; COMPILE_TIMEOUT=300; RESUME_TIMEOUT=300
+  # generous: a CPU shared with other jobs can be many times slower than alone (the caps only catch hangs)
+  RUN_TIMEOUT=1200; ONE_STEP_TIMEOUT=1200; LATENT_TIMEOUT=1200; COMPILE_TIMEOUT=1200; RESUME_TIMEOUT=1200
   MODEL=(--block_out_channels 8 16 --layers_per_block 1 --attention_levels 0 1 --train_batch_size 8)
   COMPILE=(--torch_compile --torch_compile_backend aot_eager)
 else

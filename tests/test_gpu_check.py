@@ -28,7 +28,7 @@ def test_gpu_check_dry_run_passes_and_writes_outside_the_repository(tmp_path):
         env.pop(name, None)
     default_out = REPO / "runs" / "gpu_check"
     before = sorted(p.name for p in default_out.iterdir()) if default_out.is_dir() else None
-    result = subprocess.run(["bash", str(SCRIPT)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1500)
+    result = subprocess.run(["bash", str(SCRIPT)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=3600)
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-6000:]}\n{result.stderr[-3000:]}"
     out = Path(re.search(r"^Output: (\S+) \(dry run: 1\)$", result.stdout, re.M).group(1))
     assert out.is_relative_to(tmp_path) and not out.is_relative_to(REPO)
