@@ -8,7 +8,8 @@ the math kernel, which every forward used while the forward-AD processor forced 
 
 Each configuration runs in its own process (so one's allocations cannot hide another's peak): a fresh UNet (seed 0),
 AdamW, `ModularMeanFlowLoss` (finite differences, model tangent, paired rows, 25% of rows r != t), ``--warmup`` steps
-then ``--steps`` timed steps. Memory is the rise of the process's peak resident set over its size before the first step
+then ``--steps`` timed steps: wall and CPU time (on a machine shared with other jobs the process's CPU time is the
+steadier figure). Memory is the rise of the process's peak resident set over its size before the first step
 (on a GPU the figure to read would be ``torch.cuda.max_memory_allocated``). ``sdpa`` is
 `mmf_diffusers.ForwardADAttnProcessor` outside forward AD, i.e. diffusers' AttnProcessor2_0 (PyTorch picks the fused
 flash kernel on this CPU; flash / memory-efficient kernels on GPUs); ``math`` is `mmf_diffusers.unet.MathAttnProcessor`.
@@ -71,18 +72,20 @@ def worker(args) -> dict:
     generator = torch.Generator().manual_seed(1)
     shape = (args.batch, args.channels, args.resolution, args.resolution)
     rss_before = _rss_kib()
-    times = []
+    times, cpu_times = [], []
     for step in range(args.warmup + args.steps):
         x = torch.rand(shape, generator=generator) * 2 - 1
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         out = loss_fn(model_fn, x, lam, generator=generator)
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if step >= args.warmup:
             times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - start_cpu)
     peak_rise_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
     return {"kernel": kernel, "lam": lam, "median_step_s": statistics.median(times), "step_s": times,
+            "median_step_cpu_s": statistics.median(cpu_times),
             "peak_rss_rise_mib": peak_rise_mib, "loss_last": out.loss.item()}
 
 
@@ -104,20 +107,24 @@ def main(argv=None) -> int:
                 sys.stderr.write(done.stderr)
                 return done.returncode
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-            print(f"measured {kernel} lam {lam:g}: {rows[-1]['median_step_s']:.3f} s per step, peak RSS rise "
+            print(f"measured {kernel} lam {lam:g}: {rows[-1]['median_step_s']:.3f} s per step "
+                  f"({rows[-1]['median_step_cpu_s']:.3f} s CPU), peak RSS rise "
                   f"{rows[-1]['peak_rss_rise_mib']:.0f} MiB", flush=True)
     import torch
 
     print(f"MMF training step (finite differences), {args.batch} x {args.channels}x{args.resolution}x{args.resolution}, "
           f"UNet {tuple(args.block_out_channels)} attention levels {tuple(args.attention_levels)}, "
           f"torch {torch.__version__}, {args.threads} thread(s), median of {args.steps} steps after {args.warmup}")
-    print(f"{'lam':>4} {'kernel':7} {'step s':>8} {'x sdpa':>7} {'peak RSS rise MiB':>18} {'x sdpa':>7}")
+    print(f"{'lam':>4} {'kernel':7} {'step s':>8} {'x sdpa':>7} {'CPU s':>8} {'x sdpa':>7} {'peak RSS rise MiB':>18} "
+          f"{'x sdpa':>7}")
     for lam in args.lams:
         sdpa = next(r for r in rows if r["kernel"] == "sdpa" and r["lam"] == lam)
         for row in (r for r in rows if r["lam"] == lam):
             row["time_ratio_to_sdpa"] = row["median_step_s"] / sdpa["median_step_s"]
+            row["cpu_ratio_to_sdpa"] = row["median_step_cpu_s"] / sdpa["median_step_cpu_s"]
             row["memory_ratio_to_sdpa"] = row["peak_rss_rise_mib"] / sdpa["peak_rss_rise_mib"]
             print(f"{lam:4g} {row['kernel']:7} {row['median_step_s']:8.3f} {row['time_ratio_to_sdpa']:7.2f} "
+                  f"{row['median_step_cpu_s']:8.3f} {row['cpu_ratio_to_sdpa']:7.2f} "
                   f"{row['peak_rss_rise_mib']:18.0f} {row['memory_ratio_to_sdpa']:7.2f}")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
