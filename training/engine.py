@@ -138,6 +138,7 @@ class Engine:
 
         self.checkpoint_files = files + (run_state.STATE_JSON, run_state.STATE_TENSORS)
         self._plain_copy = None  # the main process's full copy of a sharded model, for saving and sampling
+        self.log = log
         if self.num_processes > 1:
             log(f"Engine: {self.name}" + (f" ZeRO-{self.zero_stage}" if self.zero_stage else "") +
                 f" over {self.num_processes} processes" + ("; parameters sharded" if self.sharded else ""))
@@ -230,7 +231,14 @@ class Engine:
             self._plain_copy = copy.deepcopy(model).cpu()  # rebuilt with gathered weights for saving and sampling
         if self.checkpoint_format == "plain" and getattr(model, "legacy_layout_hook", None) is not None:
             self.accelerator.register_load_state_pre_hook(model.legacy_layout_hook)
-        return prepare_for_training(self.accelerator, model, optimizer, make_ema, ema_before=self.zero_stage == 3)
+        prepared, optimizer, ema = prepare_for_training(self.accelerator, model, optimizer, make_ema,
+                                                        ema_before=self.zero_stage == 3)
+        if self.name == "fsdp2":
+            from torch.distributed.fsdp import FSDPModule
+
+            units = sum(isinstance(module, FSDPModule) for module in prepared.modules())
+            self.log(f"FSDP2: {units} units (the root and each module its auto-wrap policy names)")
+        return prepared, optimizer, ema
 
     def unwrap(self, prepared):
         """The module inside accelerate's wrapper, without the fp32-output autocast wrapper (the loss sets autocast
