@@ -23,9 +23,9 @@ Datasets and scores (lower is better):
 * ``checkerboard``: the 2-D checkerboard at the public MeanFlow example's budget (a ``TwoTimeMLP`` 4 x 256, batch
   4096, Adam 3e-4, 6000 steps), trained in-process with the library's loss; sliced Wasserstein-2 distance of 8192
   samples to 8192 exact points (``benchmarks/checkerboard.Evaluator``: one fixed reference set, noise and projections
-  for every row; 0.044 is the noise floor of two exact samples, 1.35 a Gaussian) at 1 and 2 steps and for 64 Euler
-  steps on ``u(z, t, t)``; the one-step figure is also taken every 1500 steps (``sw_1step_curve``) to show whether it
-  still falls.
+  for every row; 0.032 is the noise floor of two exact samples, 0.254 a standard Gaussian) at 1 and 2 steps and for
+  64 Euler steps on ``u(z, t, t)``; the one-step figure is also taken every 1500 steps (``sw_1step_curve``) to show
+  whether it still falls.
 * ``digits``: the 1797 8x8 sklearn digits, unconditional, through ``training/train_mmf.py --dataset_name
   sklearn-digits``; ``mmf-evaluate`` on 1797 samples against the 1797 digits (the training set itself: there is no
   other split): FD-MNISTCNN (the Frechet distance on the shipped MNIST classifier's features, images upscaled to
@@ -117,7 +117,8 @@ def config_flags(config: Dict) -> List[str]:
     else:
         flags = ["--lam_schedule", lam, "--lam_start", "0", "--lam_end", "1"]
     return flags + ["--adaptive_p", str(config["adaptive_p"]), "--adaptive_c", "1e-3",
-                    "--adaptive_reduction", config["adaptive_reduction"], "--pair_rows", "1" if config["paired"] else "0",
+                    "--adaptive_reduction", config["adaptive_reduction"],
+                    "--pair_rows", "1" if config["paired"] else "0",
                     "--derivative", "finite_difference", "--tangent", "model", "--r_neq_t_fraction", "0.25",
                     "--time_distribution", "logit_normal", "--time_mean", "-0.4", "--time_std", "1.0"]
 
@@ -256,7 +257,8 @@ def image_train_command(dataset: str, config: Dict, seed: int, budget: Dict, out
     if dataset == "digits":
         data = ["--dataset_name", "sklearn-digits", "--resolution", "8"]
     elif dataset == "mnist":
-        data = ["--dataset_name", "mnist-offline", "--resolution", "28", "--class_conditional", "--label_dropout", "0.1"]
+        data = ["--dataset_name", "mnist-offline", "--resolution", "28", "--class_conditional",
+                "--label_dropout", "0.1"]
     elif dataset == "latent-mnist":
         data = ["--dataset_name", "mnist-offline", "--resolution", "32", "--class_conditional", "--label_dropout",
                 "0.1", "--vae_name_or_path", os.path.join(ROOT, "pipelines", "mmf-mnist-latent"),
@@ -377,7 +379,8 @@ def adaptive_check(pipeline: str, reference: str, n: int = 512, seed: int = 0) -
         total = loss_fn(fn, x, 0.0, generator=torch.Generator().manual_seed(seed), **kwargs).per_sample.double()
     dim, c = x[0].numel(), 1e-3
     out = {"pipeline": pipeline, "reference": reference, "n": n, "D": dim,
-           "S_quantiles": {q: float(total.quantile(q)) for q in (0.0, 0.01, 0.1, 0.5, 0.9)}, "c": c, "c_times_D": c * dim}
+           "S_quantiles": {q: float(total.quantile(q)) for q in (0.0, 0.01, 0.1, 0.5, 0.9)},
+           "c": c, "c_times_D": c * dim}
     for p in (0.5, 1.0):
         w_sum, w_mean = 1 / (total + c) ** p, 1 / (total + c * dim) ** p
         w_sum, w_mean = w_sum / w_sum.mean(), w_mean / w_mean.mean()

@@ -13,7 +13,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO / "training"))
 
 import defaults_study  # noqa: E402
-from mmf_diffusers import LambdaSchedule, ModularMeanFlowLoss  # noqa: E402,F401  (imports at collection, as the suite does)
+# imported at collection, as the rest of the suite does, so that the test times the study alone
+from mmf_diffusers import LambdaSchedule, ModularMeanFlowLoss  # noqa: E402,F401
 
 TINY = ["--budget", "checkerboard.steps=6", "--budget", "checkerboard.batch=16", "--budget", "checkerboard.hidden=8",
         "--budget", "checkerboard.eval_n=64", "--budget", "checkerboard.curve_every=3"]
