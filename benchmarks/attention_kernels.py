@@ -112,7 +112,8 @@ def main(argv=None) -> int:
                   f"{rows[-1]['peak_rss_rise_mib']:.0f} MiB", flush=True)
     import torch
 
-    print(f"MMF training step (finite differences), {args.batch} x {args.channels}x{args.resolution}x{args.resolution}, "
+    size = f"{args.channels}x{args.resolution}x{args.resolution}"
+    print(f"MMF training step (finite differences), {args.batch} x {size}, "
           f"UNet {tuple(args.block_out_channels)} attention levels {tuple(args.attention_levels)}, "
           f"torch {torch.__version__}, {args.threads} thread(s), median of {args.steps} steps after {args.warmup}")
     print(f"{'lam':>4} {'kernel':7} {'step s':>8} {'x sdpa':>7} {'CPU s':>8} {'x sdpa':>7} {'peak RSS rise MiB':>18} "

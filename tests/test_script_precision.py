@@ -83,9 +83,9 @@ def tiny_vae_dir(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("vae")
     torch.manual_seed(0)
-    AutoencoderKL(in_channels=1, out_channels=1, block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
-                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4, sample_size=8,
-                  scaling_factor=1.7).save_pretrained(folder / "vae")
+    AutoencoderKL(in_channels=1, out_channels=1, block_out_channels=(8, 8),
+                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                  latent_channels=4, norm_num_groups=4, sample_size=8, scaling_factor=1.7).save_pretrained(folder / "vae")
     return folder
 
 
