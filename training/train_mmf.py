@@ -726,40 +726,7 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
 
     # 2. resume target and seed (a resumed run keeps the checkpoint's seed: it fixes data order and noise). One
     # decision, made on the main process (which repaired interrupted saves) and given to every rank.
-    def find_resume_checkpoint():
-        resume_path = None
-        if args.resume_from_checkpoint == "latest":
-            found = ckpt.list_checkpoints(args.output_dir)
-            try:  # an older script's checkpoint is refused, not skipped (a fresh run would overwrite it)
-                if found:
-                    run_state.refuse_pickled_state(found[-1][1])
-                    engine.refuse_other_engine(found[-1][1])  # another engine's files are not damage: say so
-            except run_state.UnsafeCheckpoint as error:
-                raise ConfigError(f"Cannot resume: {error}")
-            resume_path = ckpt.latest_checkpoint(args.output_dir, required=engine.checkpoint_files,
-                                                 metadata_check=run_state.metadata_problem,
-                                                 on_skip=lambda path, why: log(f"Skipping damaged {path}: {why}"))
-            if resume_path is None and found:
-                raise ConfigError(f"--resume_from_checkpoint latest: none of the {len(found)} checkpoints in "
-                                  f"{args.output_dir} is intact (see above); a new run would overwrite them. Move them "
-                                  "away to start afresh.")
-            if resume_path is None:
-                log(f"No complete checkpoint in {args.output_dir}; starting a new training run.")
-        elif args.resume_from_checkpoint is not None:
-            resume_path = args.resume_from_checkpoint
-            problem = ckpt.checkpoint_problem(resume_path, engine.checkpoint_files,
-                                              metadata_check=run_state.metadata_problem)
-            if problem:
-                raise ConfigError(f"Cannot resume from {resume_path}: {problem}")
-        if resume_path is not None:
-            try:
-                run_state.refuse_pickled_state(resume_path)  # before reading anything else in it
-            except run_state.UnsafeCheckpoint as error:
-                raise ConfigError(f"Cannot resume: {error}")
-            engine.refuse_other_engine(resume_path)
-        return resume_path
-
-    resume_path = engine.on_main(find_resume_checkpoint, error_class=ConfigError)
+    resume_path = engine.on_main(lambda: _resume_checkpoint(args, ckpt, engine, log), error_class=ConfigError)
     resume_meta = ckpt.read_metadata(resume_path) if resume_path else None
     if resume_meta is not None:
         saved_seed = resume_meta["config"]["seed"]
@@ -1204,6 +1171,43 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
     log(f"Done: {global_step} steps in {time.time() - start_time:.1f} s; peak RSS {peak_mib:.0f} MiB (this process). "
         f"Pipeline in {args.output_dir}")
     return 0
+
+
+def _resume_checkpoint(args, ckpt, engine, log):
+    """The checkpoint to resume (``--resume_from_checkpoint``: a folder, or ``latest``: the newest intact one of this
+    engine in --output_dir), or None; ConfigError for one that cannot be resumed. Main process only (train() shares
+    its answer with every rank)."""
+    resume_path = None
+    if args.resume_from_checkpoint == "latest":
+        found = ckpt.list_checkpoints(args.output_dir)
+        try:  # an older script's checkpoint is refused, not skipped (a fresh run would overwrite it)
+            if found:
+                run_state.refuse_pickled_state(found[-1][1])
+                engine.refuse_other_engine(found[-1][1])  # another engine's files are not damage: say so
+        except run_state.UnsafeCheckpoint as error:
+            raise ConfigError(f"Cannot resume: {error}")
+        resume_path = ckpt.latest_checkpoint(args.output_dir, required=engine.checkpoint_files,
+                                             metadata_check=run_state.metadata_problem,
+                                             on_skip=lambda path, why: log(f"Skipping damaged {path}: {why}"))
+        if resume_path is None and found:
+            raise ConfigError(f"--resume_from_checkpoint latest: none of the {len(found)} checkpoints in "
+                              f"{args.output_dir} is intact (see above); a new run would overwrite them. Move them "
+                              "away to start afresh.")
+        if resume_path is None:
+            log(f"No complete checkpoint in {args.output_dir}; starting a new training run.")
+    elif args.resume_from_checkpoint is not None:
+        resume_path = args.resume_from_checkpoint
+        problem = ckpt.checkpoint_problem(resume_path, engine.checkpoint_files,
+                                          metadata_check=run_state.metadata_problem)
+        if problem:
+            raise ConfigError(f"Cannot resume from {resume_path}: {problem}")
+    if resume_path is not None:
+        try:
+            run_state.refuse_pickled_state(resume_path)  # before reading anything else in it
+        except run_state.UnsafeCheckpoint as error:
+            raise ConfigError(f"Cannot resume: {error}")
+        engine.refuse_other_engine(resume_path)
+    return resume_path
 
 
 def _config_summary(config: dict, path: str) -> str:
