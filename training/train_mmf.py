@@ -993,8 +993,16 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
                 paths[steps] = modality.save_samples(pipeline, path, steps, args.seed)
                 continue
             generator = torch.Generator().manual_seed(args.seed)
-            images = pipeline(num_images=args.num_sample_images, num_inference_steps=steps, generator=generator,
-                              output_type="np", class_labels=labels).images
+            try:
+                images = pipeline(num_images=args.num_sample_images, num_inference_steps=steps, generator=generator,
+                                  output_type="np", class_labels=labels).images
+            except ValueError as error:  # the pipeline refuses a non-finite sample: the weights no longer work
+                if "produced non-finite values" not in str(error):
+                    raise
+                raise TrainingDiverged(f"the {steps}-step samples at step {step} are not finite (finite weights, "
+                                       f"non-finite outputs); stopping. The last complete checkpoint in "
+                                       f"{args.output_dir} is intact: resume it with --resume_from_checkpoint latest, "
+                                       "e.g. with a lower --learning_rate.") from None
             path = os.path.join(args.output_dir, "samples", f"step-{step:06d}-{steps}step.png")
             os.makedirs(os.path.dirname(path), exist_ok=True)
             _image_grid(images).save(path)
