@@ -111,6 +111,55 @@ def test_jvp_is_refused_where_it_cannot_run():
     assert args.torch_compile
 
 
+def test_engine_configurations_the_script_cannot_run_are_refused_in_one_line():
+    """engine.Engine reads accelerate's state (faked here: no GPU to build the real FSDP / DeepSpeed states) and
+    refuses what it cannot run; for DeepSpeed it writes the per-process micro-batch, the accumulation, the global batch
+    and the clipping into the plugin's configuration (no dataloader is prepared, so accelerate cannot)."""
+    import types
+
+    import engine as engine_lib
+
+    def engine(kind, plugin=None, **flags):
+        accelerator = types.SimpleNamespace(is_main_process=True, num_processes=2, mixed_precision="no",
+                                            distributed_type=f"DistributedType.{kind}",
+                                            state=types.SimpleNamespace(fsdp_plugin=plugin, deepspeed_plugin=plugin))
+        args = dict(derivative="finite_difference", check_param_sync=False, mixed_precision="no", train_batch_size=4,
+                    gradient_accumulation_steps=3, max_grad_norm=0.5)
+        return engine_lib.Engine(accelerator, types.SimpleNamespace(**{**args, **flags}), log=lambda message: None)
+
+    def fsdp(version=2, kind="FULL_STATE_DICT"):
+        return types.SimpleNamespace(fsdp_version=version, state_dict_type=f"StateDictType.{kind}")
+
+    def deepspeed(stage, **config):
+        return types.SimpleNamespace(deepspeed_config={"zero_optimization": {"stage": stage}, **config})
+
+    assert engine("FSDP", fsdp()).checkpoint_files[0] == "pytorch_model_fsdp.bin"
+    for plugin, flags, message in [
+            (fsdp(1), {}, "FSDP version 1 is not supported: set fsdp_version: 2"),
+            (fsdp(kind="SHARDED_STATE_DICT"), {}, "SHARDED_STATE_DICT is not supported"),
+            (fsdp(), {"check_param_sync": True}, "--check_param_sync compares whole parameters"),
+            (deepspeed(1), {}, "DeepSpeed ZeRO stage 1 is not supported"),
+            (deepspeed(2, train_micro_batch_size_per_gpu=16), {}, "train_micro_batch_size_per_gpu 16 differs from "
+             "--train_batch_size 4"),
+            (deepspeed(2, gradient_clipping=1.0), {}, "gradient_clipping 1.0 differs from --max_grad_norm 0.5"),
+            (deepspeed(3, zero_optimization={"stage": 3, "stage3_gather_16bit_weights_on_model_save": False}), {},
+             "ZeRO-3 needs zero3_save_16bit_model: true")]:
+        kind = "FSDP" if hasattr(plugin, "fsdp_version") else "DEEPSPEED"
+        with pytest.raises(engine_lib.EngineError, match=message):
+            engine(kind, plugin, **flags)
+    with pytest.raises(engine_lib.EngineError, match="accelerate's XLA is not supported"):
+        engine("XLA")
+    plugin = deepspeed(3, train_micro_batch_size_per_gpu="auto")
+    zero3 = engine("DEEPSPEED", plugin)
+    assert zero3.sharded and zero3.checkpoint_format == "deepspeed-zero3-2procs"
+    assert {k: plugin.deepspeed_config[k] for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                                                    "train_batch_size", "gradient_clipping")} == \
+        {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 3, "train_batch_size": 24,
+         "gradient_clipping": 0.5}
+    assert plugin.deepspeed_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    assert not engine("DEEPSPEED", deepspeed(2)).sharded
+
+
 @pytest.mark.slow
 def test_two_processes_share_the_latent_encoding(tmp_path):
     """Each process encodes its half of the images (on its device) into a part file and the main process merges them:

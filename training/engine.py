@@ -121,11 +121,14 @@ class Engine:
             applied = str(accelerator.distributed_type).rsplit(".", 1)[-1]
             log(f"Note: the accelerate configuration asks for FSDP, but accelerate runs {applied} here (it has no FSDP "
                 "for CPU processes); the model is not sharded.")
+        refuse_derivative(self.name, args.derivative)
+        if self.name not in ("single", "ddp", "fsdp", "deepspeed"):
+            raise EngineError(f"accelerate's {str(accelerator.distributed_type).rsplit('.', 1)[-1]} is not supported by "
+                              "this script (it runs one process, DDP, FSDP2 and DeepSpeed ZeRO-2/3)")
         if self.name == "fsdp":
             self._check_fsdp(accelerator.state.fsdp_plugin, args)
         if self.name == "deepspeed":
             self._configure_deepspeed(accelerator.state.deepspeed_plugin, args)
-        refuse_derivative(self.name, args.derivative)
         #: Parameters are split across ranks: whole weights exist only after a collective gather.
         self.sharded = self.name == "fsdp2" or self.zero_stage == 3
         if args.check_param_sync and self.sharded:
