@@ -51,7 +51,7 @@ def validate(args, need) -> None:
     need(args.trajectory_file is None or os.path.isfile(args.trajectory_file),
          f"--trajectory_file {args.trajectory_file!r} is not a file")
     need(args.pretrained_unet is None, "--pretrained_unet is for images; the trajectory modality builds a UNet1DModel")
-    need(args.mixed_precision == "no", "--mixed_precision is not supported with --modality trajectory")
+    need(args.mixed_precision in (None, "no"), "--mixed_precision is not supported with --modality trajectory")
     bad = [c for c in args.block_out_channels if c <= 0 or c % 8]
     need(not bad, f"--block_out_channels {bad}: UNet1DModel's residual blocks need multiples of 8")
     need(len(args.block_out_channels) >= 2, "--block_out_channels needs at least two levels")
