@@ -242,6 +242,9 @@ class MMFPipeline(DiffusionPipeline):
         time_scale (`float`): scale of both times at the UNet's input; saved in ``model_index.json`` so that sampling
             always uses the mapping the model was trained with.
         second_time (`str`): ``"h"`` (the UNet's second time is ``t - r``) or ``"r"``.
+        transformer ([`MMFDiTTransformer2DModel`], *optional*): a two-time DiT in the UNet's place (give exactly one
+            of ``unet`` and ``transformer``); the same calls, conditioner and VAE. A DiT makes images of its
+            ``sample_size`` (times the VAE's factor) only. `backbone` is whichever of the two the pipeline holds.
 
     Examples:
         ```py
@@ -254,19 +257,35 @@ class MMFPipeline(DiffusionPipeline):
         ```
     """
 
-    model_cpu_offload_seq = "conditioner->unet->vae"
-    _optional_components = ["conditioner", "vae"]
+    model_cpu_offload_seq = "conditioner->unet->transformer->vae"
+    # The backbone is a ``unet`` or a ``transformer`` (exactly one, checked in __init__); the scheduler is listed
+    # only because its argument needs a default after ``unet=None`` (diffusers treats defaulted arguments as
+    # modules only when they are optional components); __init__ refuses a pipeline without one.
+    _optional_components = ["conditioner", "vae", "unet", "transformer", "scheduler"]
 
     def __init__(
         self,
-        unet: UNet2DModel,
-        scheduler,
+        unet: Optional[UNet2DModel] = None,
+        scheduler=None,
         conditioner=None,
         vae=None,
+        transformer=None,
         time_scale: float = DEFAULT_TIME_SCALE,
         second_time: str = "h",
     ):
         super().__init__()
+        if (unet is None) == (transformer is None):
+            raise ValueError("MMFPipeline takes exactly one backbone: a two-time UNet2DModel as `unet` or an "
+                             "MMFDiTTransformer2DModel as `transformer` (got "
+                             f"{'both' if unet is not None else 'neither'})")
+        if scheduler is None:
+            raise ValueError("MMFPipeline needs a scheduler (an MMFScheduler or FlowMapEulerDiscreteScheduler)")
+        is_dit = transformer is not None
+        backbone = transformer if is_dit else unet
+        kind = "DiT" if is_dit else "UNet"
+        if is_dit and not all(hasattr(backbone.config, key) for key in ("patch_size", "num_attention_heads",
+                                                                         "attention_head_dim", "sample_size")):
+            raise ValueError(f"transformer must be an MMFDiTTransformer2DModel, got {type(backbone).__name__}")
         if second_time not in SECOND_TIME_CHOICES:
             raise ValueError(f"second_time must be one of {SECOND_TIME_CHOICES}, got {second_time!r}")
         if (
@@ -276,29 +295,33 @@ class MMFPipeline(DiffusionPipeline):
             or time_scale <= 0
         ):
             raise ValueError(f"time_scale must be a positive finite number, got {time_scale!r}")
-        embed_type = getattr(unet.config, "class_embed_type", None)
+        embed_type = getattr(backbone.config, "class_embed_type", None)
         if conditioner is None and embed_type != "timestep":
+            builder = "mmf_diffusers.build_mmf_dit" if is_dit else "mmf_diffusers.build_mmf_unet"
             raise ValueError(
-                "MMFPipeline needs a two-time UNet2DModel built with class_embed_type='timestep' "
-                f"(got class_embed_type={embed_type!r}); see mmf_diffusers.build_mmf_unet. A class-conditional UNet "
+                f"MMFPipeline needs a two-time {kind} built with class_embed_type='timestep' "
+                f"(got class_embed_type={embed_type!r}); see {builder}. A class-conditional {kind} "
                 "(class_embed_type='identity') needs its conditioner."
             )
         if conditioner is not None:
             if embed_type != "identity":
+                adder = "add_dit_class_conditioning" if is_dit else "add_class_conditioning"
                 raise ValueError(
-                    "A conditioner feeds a UNet2DModel built with class_embed_type='identity', got "
-                    f"{embed_type!r}; see mmf_diffusers.add_class_conditioning."
+                    f"A conditioner feeds a {kind} built with class_embed_type='identity', got "
+                    f"{embed_type!r}; see mmf_diffusers.{adder}."
                 )
             if not all(hasattr(conditioner, name) for name in ("label_ids", "null_label", "class_names")):
                 raise ValueError(f"conditioner must be an MMFConditioner, got {type(conditioner).__name__}")
-            # UNet2DModel's own rule for its time-embedding width.
-            unet_width = getattr(unet.config, "time_embedding_dim", None) or 4 * unet.config.block_out_channels[0]
-            if conditioner.config.time_embed_dim != unet_width:
+            if is_dit:  # the DiT adds the vector to each block's time embedding, of the transformer's width
+                width = backbone.config.num_attention_heads * backbone.config.attention_head_dim
+            else:  # UNet2DModel's own rule for its time-embedding width
+                width = getattr(unet.config, "time_embedding_dim", None) or 4 * unet.config.block_out_channels[0]
+            if conditioner.config.time_embed_dim != width:
                 raise ValueError(
-                    f"The conditioner makes {conditioner.config.time_embed_dim}-dim embeddings but the UNet's time "
-                    f"embedding has {unet_width}"
+                    f"The conditioner makes {conditioner.config.time_embed_dim}-dim embeddings but the {kind}'s time "
+                    f"embedding has {width}"
                 )
-        if getattr(unet.config, "time_embedding_type", "positional") != "positional":
+        if not is_dit and getattr(unet.config, "time_embedding_type", "positional") != "positional":
             raise ValueError(
                 f"time_embedding_type={unet.config.time_embedding_type!r} is not supported: MMF needs 'positional' "
                 "(Fourier features take log(t) and fail at t = 0 or h = 0)."
@@ -306,14 +329,24 @@ class MMFPipeline(DiffusionPipeline):
         if vae is not None:
             check_vae(vae)
             channels = vae_latent_channels(vae)
-            if unet.config.in_channels != channels or unet.config.out_channels != channels:
+            # A converted stock DiT may carry out_channels=None, which means in_channels.
+            out_channels = backbone.config.out_channels or backbone.config.in_channels
+            if backbone.config.in_channels != channels or out_channels != channels:
                 raise ValueError(
-                    f"The VAE's latents have {channels} channels but the UNet takes {unet.config.in_channels} and "
-                    f"gives {unet.config.out_channels}"
+                    f"The VAE's latents have {channels} channels but the {kind} takes {backbone.config.in_channels} "
+                    f"and gives {out_channels}"
                 )
-        install_class_embedding_cast(unet)
-        self.register_modules(unet=unet, scheduler=scheduler, conditioner=conditioner, vae=vae)
+        if not is_dit:
+            install_class_embedding_cast(unet)
+        self.register_modules(unet=unet, transformer=transformer, scheduler=scheduler, conditioner=conditioner,
+                              vae=vae)
         self.register_to_config(time_scale=float(time_scale), second_time=second_time)
+
+    @property
+    def backbone(self) -> torch.nn.Module:
+        """The network predicting ``u``: the ``unet`` component, or the ``transformer`` (a DiT) of a DiT pipeline."""
+        unet = getattr(self, "unet", None)
+        return unet if unet is not None else self.transformer
 
     @property
     def is_class_conditional(self) -> bool:
@@ -329,7 +362,7 @@ class MMFPipeline(DiffusionPipeline):
     def image_size(self) -> Union[int, Tuple[int, int]]:
         """Size of the images this pipeline makes: the UNet's ``sample_size`` times the VAE's factor (1 on pixels)."""
         factor = vae_scale_factor(self.vae) if self.is_latent else 1
-        size = self.unet.config.sample_size
+        size = self.backbone.config.sample_size
         return size * factor if isinstance(size, int) else tuple(s * factor for s in size)
 
     @property
@@ -343,7 +376,7 @@ class MMFPipeline(DiffusionPipeline):
         """``u(z, r, t [| c])`` with this pipeline's time mapping; ``r`` and ``t`` of shape ``(B,)`` in ``[0, 1]``;
         ``class_labels`` long ``(B,)`` ids (class-conditional models only; ``None`` is "no label")."""
         return unet_average_velocity(
-            self.unet, z, r, t, time_scale=self.config.time_scale, second_time=self.config.second_time,
+            self.backbone, z, r, t, time_scale=self.config.time_scale, second_time=self.config.second_time,
             conditioner=getattr(self, "conditioner", None), class_labels=class_labels,
         )
 
@@ -460,8 +493,15 @@ class MMFPipeline(DiffusionPipeline):
         `image_size` the model was trained at). Each side must be a multiple of the VAE's factor times the UNet's
         downsampling factor, so that the convolutions line up."""
         factor = vae_scale_factor(self.vae) if self.is_latent else 1
-        multiple = factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
         default = self.image_size if isinstance(self.image_size, tuple) else (self.image_size, self.image_size)
+        if getattr(self, "unet", None) is None:
+            # A DiT's positional embedding is fixed to its square sample_size: it makes images of one size only.
+            for name, value in (("height", height), ("width", width)):
+                if value is not None and self._check_positive_int(name, value) != default[0]:
+                    raise ValueError(f"`{name}` must be {default[0]} for this DiT model (its positional embedding "
+                                     f"is fixed to {default[0]}x{default[1]} images), got {value!r}")
+            return (count, self.backbone.config.in_channels, default[0] // factor, default[1] // factor)
+        multiple = factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
         sides = []
         for name, value, fallback in (("height", height, default[0]), ("width", width, default[1])):
             if value is None:
@@ -476,7 +516,7 @@ class MMFPipeline(DiffusionPipeline):
                 raise ValueError(f"`{name}` must be a multiple of {multiple} for this model (it makes {default[0]}x"
                                  f"{default[1]} images by default), got {value}")
             sides.append(value // factor)
-        return (count, self.unet.config.in_channels, *sides)
+        return (count, self.backbone.config.in_channels, *sides)
 
     @torch.no_grad()
     def __call__(
@@ -586,7 +626,7 @@ class MMFPipeline(DiffusionPipeline):
             callback_on_step_end, callback_on_step_end_tensor_inputs, self._callback_tensor_inputs
         )
         shape = self._image_shape(count, height, width)
-        dtype = self.unet.dtype
+        dtype = self.backbone.dtype
 
         # 1. sample the noise z_1
         if latents is None:

@@ -35,6 +35,10 @@ import torch
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
+# diffusers' pipeline loader finds how to load a component by looking up its base classes by name in the component's
+# module (``["mmf_diffusers.transformer_mmf", "MMFDiTTransformer2DModel"]`` in model_index.json): ModelMixin must be
+# importable from here.
+from diffusers.models.modeling_utils import ModelMixin  # noqa: F401
 from diffusers.models.transformers.dit_transformer_2d import DiTTransformer2DModel
 
 CLASS_EMBED_TYPES = ("timestep", "identity")
