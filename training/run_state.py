@@ -201,7 +201,8 @@ FROZEN_ON_RESUME = (
     "pair_rows", "tangent", "time_distribution", "time_mean", "time_std", "r_neq_t_fraction",
     "adaptive_p", "adaptive_c", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon", "ema_max_decay",
     "ema_inv_gamma", "ema_power", "lr_scheduler", "lr_warmup_steps", "train_batch_size",
-    "gradient_accumulation_steps",
+    "gradient_accumulation_steps", "backbone", "dit_size", "dit_layers", "dit_heads", "dit_head_dim", "patch_size",
+    "dit_init",
 )
 
 

@@ -84,6 +84,7 @@ import run_lock  # noqa: E402  (fcntl only)
 import output_dir as out_dir  # noqa: E402  (standard library only)
 import run_state  # noqa: E402  (imports torch/safetensors only inside its functions)
 import trajectory_modality  # noqa: E402  (--modality trajectory; argparse only at import)
+import dit_backbone  # noqa: E402  (--backbone dit; argparse only at import)
 import latents as latent_lib  # noqa: E402  (--vae_name_or_path; numpy only at import)
 import engine as engine_lib  # noqa: E402  (DDP / FSDP2 / DeepSpeed; standard library only at import)
 from mmf_diffusers import hub_token  # noqa: E402  (standard library only)
@@ -318,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     trajectory_modality.add_arguments(parser)
     latent_lib.add_arguments(parser)
     engine_lib.add_arguments(parser)
+    dit_backbone.add_arguments(parser)
     return parser
 
 
@@ -394,6 +396,8 @@ def validate_args(args: argparse.Namespace) -> None:
 
     if args.modality == "trajectory":
         pass  # checked by trajectory_modality.validate
+    elif args.backbone == "dit":
+        dit_backbone.validate(args, need)
     elif args.pretrained_unet is None:
         levels = len(args.block_out_channels)
         need(all(c >= 1 for c in args.block_out_channels), "--block_out_channels must be positive integers")
@@ -484,6 +488,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     try:
         validate_args(args)
+        dit_backbone.check_flags(args, dit_backbone.given_flags(parser, argv))
     except ValueError as error:
         parser.error(str(error))
     return args
@@ -806,6 +811,8 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
         args.time_scale = DEFAULT_TIME_SCALE
     if modality is not None:
         unet = modality.build_unet()
+    elif args.backbone == "dit":  # the DiT takes the UNet's place (same calls); `unet` names the backbone below
+        unet = dit_backbone.build(args, unet_size, unet_channels, ConfigError)
     elif args.pretrained_unet:
         try:
             unet = UNet2DModel.from_pretrained(args.pretrained_unet, subfolder=args.pretrained_unet_subfolder)
@@ -837,7 +844,10 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
         # The second-time MLP moves into the conditioner unchanged (a warm start keeps its function exactly).
         if args.label_init_std is None:
             args.label_init_std = 0.0 if args.pretrained_unet else 1.0
-        unet, conditioner = add_class_conditioning(unet, len(class_names), class_names, args.label_init_std)
+        if args.backbone == "dit":
+            unet, conditioner = dit_backbone.add_class_conditioning(unet, class_names, args.label_init_std)
+        else:
+            unet, conditioner = add_class_conditioning(unet, len(class_names), class_names, args.label_init_std)
         # The pipeline draws the classes of a call without class_labels from the training frequencies.
         used = np.asarray(source.labels)[np.asarray(valid)]
         counts = np.bincount(used, minlength=len(class_names))
@@ -890,6 +900,8 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
         fwd = torch.compile(fwd, **({"backend": args.torch_compile_backend} if args.torch_compile_backend else {}))
     if modality is not None:
         model_fn = modality.model_fn(fwd)
+    elif inner_conditioner is None and args.backbone == "dit":
+        model_fn = dit_backbone.model_fn(fwd, args.time_scale, args.second_time)
     elif inner_conditioner is None:
         model_fn = unet_model_fn(fwd, args.time_scale, args.second_time)
     else:
@@ -970,7 +982,8 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
     def make_pipeline(unet, conditioner):
         if modality is not None:
             return modality.make_pipeline(unet)
-        return MMFPipeline(unet=unet, scheduler=MMFScheduler(), conditioner=conditioner,
+        backbone = {"transformer" if args.backbone == "dit" else "unet": unet}
+        return MMFPipeline(**backbone, scheduler=MMFScheduler(), conditioner=conditioner,
                            vae=latent.vae if latent else None, time_scale=args.time_scale,
                            second_time=args.second_time)
 
@@ -1079,7 +1092,8 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
 
     # 7. train
     log(f"{len(dataset)} images, {batches_per_epoch} global batches of {global_batch} per epoch; "
-        f"{args.max_train_steps} optimiser steps; UNet with {num_params / 1e6:.2f}M parameters.")
+        f"{args.max_train_steps} optimiser steps; {'DiT' if args.backbone == 'dit' else 'UNet'} with "
+        f"{num_params / 1e6:.2f}M parameters.")
     from tqdm.auto import tqdm
 
     progress = tqdm(total=args.max_train_steps, initial=global_step, desc="train", unit="step",
@@ -1169,8 +1183,7 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
     accelerator.wait_for_everyone()
     with out_dir.deferred_interrupts():
         save_pipeline_folder(global_step, time.time() - start_time, final=True)  # every rank; the main one writes
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    engine.end_training()  # a last barrier, then the process group is released without the gloo exit deadlock
     if jsonl is not None:
         jsonl.close()
     import resource
@@ -1238,7 +1251,7 @@ def _latent_space(args, image_dataset, num_channels, accelerator, log, error_cla
     cache_dir = args.latent_cache_dir or os.path.join(args.output_dir, "latent_cache")
     try:
         vae = load_training_vae(args, accelerator.device)
-        levels = None if args.pretrained_unet else len(args.block_out_channels)
+        levels = None if args.pretrained_unet or args.backbone == "dit" else len(args.block_out_channels)
         latent = latent_lib.LatentSpace(vae, args.resolution, num_channels, unet_levels=levels)
         changed = run_state.vae_conflicts(saved_config, latent.identity) if saved_config is not None else []
         if changed:

@@ -1,0 +1,104 @@
+"""training/train_mmf.py with ``--backbone dit``: the DiT (`MMFDiTTransformer2DModel`) in the UNet's place.
+
+The script runs as users run it (a subprocess, OMP_NUM_THREADS=1) for a few steps on scikit-learn's 8x8 digits with
+a tiny DiT (2 layers, 2 heads x 8 channels, patch 2), unconditional and class-conditional, with both estimators of
+du/dt; the saved folder is then loaded with `MMFPipeline.from_pretrained` and generates. Flag refusals go through
+``parse_args`` in-process.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from test_training import parse_error, run_script
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "training"))
+
+TINY_DIT = ["--dataset_name", "sklearn-digits", "--resolution", "8", "--backbone", "dit", "--dit_layers", "2",
+            "--dit_heads", "2", "--dit_head_dim", "8", "--patch_size", "2", "--train_batch_size", "8",
+            "--max_train_steps", "3", "--num_sample_images", "4", "--lr_warmup_steps", "0", "--seed", "0"]
+
+
+def check(result):
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def load_and_generate(folder: Path, **call):
+    from mmf_diffusers import MMFDiTTransformer2DModel, MMFPipeline
+
+    pipe = MMFPipeline.from_pretrained(str(folder))
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe.transformer) is MMFDiTTransformer2DModel and pipe.unet is None
+    images = pipe(num_images=4, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np",
+                  **call).images
+    assert images.shape == (4, 8, 8, 1) and np.isfinite(images).all() and images.std() > 0
+    return pipe
+
+
+def saved_dit(folder: Path) -> dict:
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["transformer"] == ["mmf_diffusers.transformer_mmf", "MMFDiTTransformer2DModel"]
+    assert index["unet"] == [None, None]
+    assert (folder / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
+    config = json.loads((folder / "transformer" / "config.json").read_text())
+    assert config["_class_name"] == "MMFDiTTransformer2DModel"
+    assert (config["num_layers"], config["num_attention_heads"], config["attention_head_dim"]) == (2, 2, 8)
+    assert (config["patch_size"], config["sample_size"], config["in_channels"]) == (2, 8, 1)
+    return config
+
+
+@pytest.mark.slow
+def test_unconditional_dit_finite_differences_with_ema_then_generate(tmp_path):
+    out = tmp_path / "out"
+    result = check(run_script(tmp_path, [*TINY_DIT, "--output_dir", out, "--use_ema"]))
+    assert "DiT with 0.02M parameters" in result.stdout + result.stderr
+    assert saved_dit(out)["class_embed_type"] == "timestep"
+    training = json.loads((out / "training_config.json").read_text())
+    assert training["backbone"] == "dit" and training["derivative"] == "finite_difference"
+    load_and_generate(out)
+
+
+@pytest.mark.slow
+def test_class_conditional_dit_jvp_with_lam_then_generate(tmp_path):
+    out = tmp_path / "out"
+    check(run_script(tmp_path, [*TINY_DIT, "--output_dir", out, "--class_conditional", "--derivative", "jvp",
+                                "--lam_end", "0.5"]))
+    assert saved_dit(out)["class_embed_type"] == "identity"
+    conditioner = json.loads((out / "conditioner" / "config.json").read_text())
+    assert conditioner["num_classes"] == 10 and conditioner["time_embed_dim"] == 16
+    pipe = load_and_generate(out, class_labels=[0, 1, 2, 3])
+    assert pipe.class_names == [str(d) for d in range(10)]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--backbone", "dit", "--block_out_channels", "8", "16"], "--block_out_channels size or load a UNet"),
+    # given explicitly at its default value: still refused, as it would be ignored
+    (["--backbone", "dit", "--attention_head_dim", "8"], "--attention_head_dim size or load a UNet"),
+    (["--backbone", "dit", "--pretrained_unet", "x"], "--pretrained_unet size or load a UNet"),
+    (["--patch_size", "2"], "--patch_size only apply with --backbone dit"),
+    (["--dit_size", "S", "--dit_init", "1"], "--dit_size, --dit_init only apply with --backbone dit"),
+    (["--backbone", "dit", "--resolution", "9"], "--resolution 9 is not a multiple of the DiT's --patch_size 2"),
+    (["--backbone", "dit", "--dit_layers", "0"], "--dit_layers must be a positive integer"),
+    (["--backbone", "vit"], "invalid choice"),
+])
+def test_flags_of_the_other_backbone_are_refused_in_one_line(capsys, tmp_path, extra, message):
+    argv = ["--dataset_name", "sklearn-digits", "--output_dir", str(tmp_path / "out"), *extra]
+    assert message in parse_error(capsys, argv)
+
+
+def test_dit_size_names_match_the_library():
+    import dit_backbone
+    import train_mmf
+
+    from mmf_diffusers import DIT_SIZES
+
+    assert tuple(DIT_SIZES) == dit_backbone.DIT_SIZE_NAMES
+    args = train_mmf.parse_args(["--dataset_name", "sklearn-digits", "--backbone", "dit", "--dit_size", "B",
+                                 "--dit_layers", "3"])
+    assert dit_backbone.dit_config(args) == dict(DIT_SIZES["B"], num_layers=3)
