@@ -168,3 +168,18 @@ def test_save_load_and_remote_code_round_trip(tmp_path, conditional):
         assert type(loaded).__name__ == "MMFPipeline"
         assert type(loaded.transformer).__name__ == "MMFDiTTransformer2DModel" and loaded.backbone is loaded.transformer
         same_images(pipe, loaded, **kwargs)
+
+
+def test_mmf_generate_on_a_dit_folder(tmp_path, capsys):
+    from PIL import Image
+
+    from mmf_diffusers.generate import main
+
+    folder = tmp_path / "pipe"
+    pipeline(transformer=tiny_dit()).save_pretrained(folder)
+    out = tmp_path / "grid.png"
+    assert main(["--pipeline", str(folder), "--num-images", "4", "--steps", "2", "--output", str(out), "--nrow", "2",
+                 "--upscale", "2"]) == 0
+    # 2 x 2 tiles of 16 px (the DiT's 8 px upscaled twice) with 2 px padding.
+    assert Image.open(out).size == (2 * 18 + 2, 2 * 18 + 2)
+    assert str(out) in capsys.readouterr().out

@@ -565,7 +565,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     pipe = load_pipeline(args.pipeline, args.device, "mmf-evaluate")
     pipe.set_progress_bar_config(disable=True)
     size = int(pipe.image_size)  # a latent pipeline's images are larger than its UNet's samples
-    channels = int(pipe.vae.config.out_channels if pipe.is_latent else pipe.unet.config.in_channels)
+    channels = int(pipe.vae.config.out_channels if pipe.is_latent else pipe.backbone.config.in_channels)
     if channels != 1 and any(m != "fid" for m in args.metric):
         parser.exit(2, f"mmf-evaluate: error: the reference sets are grayscale and the pipeline makes {channels}-"
                        "channel images; only --metric fid can compare them\n")

@@ -298,7 +298,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     pipe = load_pipeline(args.pipeline, args.device, "mmf-generate")
     pipe.set_progress_bar_config(disable=True)
-    size = int(pipe.unet.config.sample_size)
+    size = int(pipe.backbone.config.sample_size)
     upscale = args.upscale or max(1, math.ceil(64 / size))
     nrow = args.nrow or math.ceil(math.sqrt(args.num_images))
     width, height = nrow * (size * upscale + 2), math.ceil(args.num_images / nrow) * (size * upscale + 2)
