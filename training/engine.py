@@ -300,6 +300,24 @@ class Engine:
         if len(set(gathered)) != 1:
             raise RuntimeError(f"Parameters differ across processes after step {step}: checksums {gathered}")
 
+    def end_training(self) -> None:
+        """*Collective.* The last barrier, then accelerate's ``end_training`` (which destroys the process group).
+
+        torch 2.13's ProcessGroupGloo destructor joins its worker threads while holding the GIL, and it runs when the
+        last reference goes (here: when DDP's reducer is freed as train() returns). A worker thread that is still
+        releasing the tensors of the last collective needs the GIL for that, while holding the queue lock the other
+        worker waits for: a deadlock. Seen with gdb on a hung rank 1 (rank 0 had exited): the main thread in
+        ~ProcessGroupGloo -> std::thread::join, one pt_gloo_runloop thread in TensorImpl::decref_pyobject waiting for
+        the GIL, the other waiting for the lock. It struck the rank that had no file to write after the barrier (no
+        I/O, so the GIL was never released before the destructor). Sleeping briefly after the barrier releases the
+        GIL so the workers finish first."""
+        import time
+
+        self.accelerator.wait_for_everyone()
+        if self.num_processes > 1:
+            time.sleep(0.5)
+        self.accelerator.end_training()
+
     # -- 6. saving and sampling -------------------------------------------------------------------------------------
     def non_finite(self, named_tensors) -> list:
         """*Collective.* Names of NaN/inf tensors among ``(name, tensor)`` pairs, agreed by every rank (each checks
