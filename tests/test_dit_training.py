@@ -102,3 +102,19 @@ def test_dit_size_names_match_the_library():
     args = train_mmf.parse_args(["--dataset_name", "sklearn-digits", "--backbone", "dit", "--dit_size", "B",
                                  "--dit_layers", "3"])
     assert dit_backbone.dit_config(args) == dict(DIT_SIZES["B"], num_layers=3)
+
+
+@pytest.mark.slow
+def test_dit_resumes_and_refuses_a_changed_size(tmp_path):
+    out = tmp_path / "out"
+    base = [*TINY_DIT, "--output_dir", out, "--checkpointing_steps", "3", "--logger", "none"]
+    check(run_script(tmp_path, base))
+    assert (out / "checkpoint-3").is_dir()
+    resume = ["--resume_from_checkpoint", "latest", "--max_train_steps", "4"]
+    result = run_script(tmp_path, base + resume + ["--dit_heads", "4"])
+    assert result.returncode == 2 and "--dit_heads 2 -> 4" in result.stderr
+    check(run_script(tmp_path, base + resume))
+    lines = [json.loads(line) for line in (out / "logs" / "train_log.jsonl").read_text().splitlines() if line.strip()]
+    assert [r["from_step"] for r in lines if r.get("event") == "resume"] == [3]
+    assert max(r["step"] for r in lines if "step" in r) == 4
+    load_and_generate(out)
