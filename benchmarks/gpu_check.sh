@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check of the training path as users run it (training/train_mmf.py): no downloads, at most 8 minutes on one GPU
+# GPU check of the training path as users run it (training/train_mmf.py): no downloads, at most 10 minutes on one GPU
 # (the per-run timeouts add up to that).
 #
 #   bash benchmarks/gpu_check.sh [OUTPUT_DIR]         (default: runs/gpu_check, removed first)
@@ -17,6 +17,8 @@
 #    - compile_bf16: --torch_compile (dry run: --torch_compile_backend aot_eager, which captures the same graphs
 #      without generating code);
 #    - fd_bf16 is then resumed from its last checkpoint for 2 more steps (--resume_from_checkpoint latest);
+#    - dit_fm_bf16, dit_fd_bf16: --backbone dit, STEPS steps of flow matching and of finite differences (lam = 1);
+#      GPU: DiT-S with patch 4 on the 64x64 images (256 tokens, 33M parameters), batch 64; dry run: a 2-layer DiT;
 # 3. checks and prints: step-1 loss, mean |du/dt| and gradient norm of bf16 and fp16 against float32 (within 5%, both
 #    estimators), the median step time
 #    after warm-up of each timed run and its ratio to flow matching, peak GPU memory (peak_gpu_mem_mib in
@@ -42,10 +44,13 @@ if [ "$DRY" = "1" ]; then
   # generous: a CPU shared with other jobs can be many times slower than alone (the caps only catch hangs)
   RUN_TIMEOUT=1200; ONE_STEP_TIMEOUT=1200; LATENT_TIMEOUT=1200; COMPILE_TIMEOUT=1200; RESUME_TIMEOUT=1200
   MODEL=(--block_out_channels 8 16 --layers_per_block 1 --attention_levels 0 1 --train_batch_size 8)
+  DIT_MODEL=(--backbone dit --dit_layers 2 --dit_heads 2 --dit_head_dim 8 --patch_size 4 --train_batch_size 8)
+  DIT_TIMEOUT=1200
   COMPILE=(--torch_compile --torch_compile_backend aot_eager)
 else
-  # Caps: 3 timed runs x 60 s + 4 one-step runs x 25 s + latent 35 s + compile 100 s + resume 25 s + the library
-  # precision check 45 s = 485 s, plus data and checks: about 8 minutes at worst (each run is mostly start-up).
+  # Caps: 3 timed runs x 60 s + 4 one-step runs x 25 s + latent 35 s + compile 100 s + resume 25 s + 2 DiT runs x
+  # 40 s + the library precision check 45 s = 565 s, plus data and checks: under 10 minutes at worst (each run is
+  # mostly start-up).
   DEVICE=cuda; STEPS=30; WARMUP=10; IMAGES=512; RESOLUTION=64
   RUN_TIMEOUT=60; ONE_STEP_TIMEOUT=25; LATENT_TIMEOUT=35; COMPILE_TIMEOUT=100; RESUME_TIMEOUT=25
   python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device (GPU_CHECK_DRY_RUN=1 runs on the CPU)')"
@@ -53,6 +58,9 @@ else
   MODEL=(--block_out_channels 128 256 256 256 --layers_per_block 4 --attention_levels 0 0 1 0
          --norm_num_groups 32 --attention_head_dim 64 --train_batch_size 64)
   COMPILE=(--torch_compile)
+  # DiT-S (12 layers, 6 heads x 64) with 4x4 patches: 256 tokens at 64x64, as DiT-S/2 on 32x32 latents.
+  DIT_MODEL=(--backbone dit --dit_size S --patch_size 4 --train_batch_size 64)
+  DIT_TIMEOUT=40
 fi
 rm -rf "$OUT"
 mkdir -p "$OUT"
@@ -84,7 +92,7 @@ print(f"Wrote {count} 64x64 RGB blob images and a tiny random AutoencoderKL to {
 PY
 
 # 2. training runs: "name timeout --flag value ..." (each gets COMMON)
-COMMON=(--train_data_dir "$OUT/blobs" --resolution "$RESOLUTION" "${MODEL[@]}" --lam_schedule constant --lam_end 1
+COMMON=(--train_data_dir "$OUT/blobs" --resolution "$RESOLUTION" --lam_schedule constant --lam_end 1
         --learning_rate 1e-4 --lr_warmup_steps 0 --save_images_steps 100000 --num_sample_images 4 --logger none
         --seed 0)
 RUNS=("fm_bf16 $RUN_TIMEOUT --mixed_precision bf16 --use_ema --max_train_steps $STEPS --r_neq_t_fraction 0"
@@ -93,11 +101,15 @@ RUNS=("fm_bf16 $RUN_TIMEOUT --mixed_precision bf16 --use_ema --max_train_steps $
       "fd_no $ONE_STEP_TIMEOUT --mixed_precision no --max_train_steps 1 --derivative finite_difference"
       "jvp_no $ONE_STEP_TIMEOUT --mixed_precision no --max_train_steps 1 --derivative jvp"
       "latent_bf16 $LATENT_TIMEOUT --mixed_precision bf16 --max_train_steps 2 --vae_name_or_path $OUT/tiny_vae --center_crop"
-      "compile_bf16 $COMPILE_TIMEOUT --mixed_precision bf16 --max_train_steps $STEPS ${COMPILE[*]}")
-train() {  # name timeout flags...
+      "compile_bf16 $COMPILE_TIMEOUT --mixed_precision bf16 --max_train_steps $STEPS ${COMPILE[*]}"
+      "dit_fm_bf16 $DIT_TIMEOUT --mixed_precision bf16 --max_train_steps $STEPS --r_neq_t_fraction 0"
+      "dit_fd_bf16 $DIT_TIMEOUT --mixed_precision bf16 --max_train_steps $STEPS --derivative finite_difference")
+train() {  # name timeout flags... (runs named dit_* train the DiT, the others the UNet)
   local name=$1 limit=$2; shift 2
-  echo "== $name: $*"
-  if ! timeout "$limit" python training/train_mmf.py "${COMMON[@]}" "$@" --output_dir "$OUT/$name" \
+  local model=("${MODEL[@]}")
+  if [[ $name == dit_* ]]; then model=("${DIT_MODEL[@]}"); fi
+  echo "== $name: ${model[*]} $*"
+  if ! timeout "$limit" python training/train_mmf.py "${COMMON[@]}" "${model[@]}" "$@" --output_dir "$OUT/$name" \
       >>"$OUT/$name.log" 2>&1; then
     echo "FAILED: $name (last lines of $OUT/$name.log):"; tail -20 "$OUT/$name.log"; exit 1
   fi
@@ -165,6 +177,17 @@ for name in timed:
     print(f"{name:12} {row['median_step_s']:13.4f} {row['ratio_to_flow_matching']:16.2f} {row['peak_gpu_mem_mib']:12.0f}"
           f"  {row['loss_last']:.4f}")
 
+for name in ("dit_fm_bf16", "dit_fd_bf16"):  # the DiT's cost of MMF against flow matching, same model and batch
+    records = [r for r in log(name)[0] if "step" in r and r["step"] <= steps]
+    times = [r["step_time_s"] for r in records[warmup:]]
+    peak = max((r.get("peak_gpu_mem_mib", float("nan")) for r in records), default=float("nan"))
+    summary["timing"][name] = {"steps": len(records), "median_step_s": statistics.median(times),
+                               "peak_gpu_mem_mib": peak, "loss_last": records[-1]["loss"]}
+    row = summary["timing"][name]
+    row["ratio_to_flow_matching"] = row["median_step_s"] / summary["timing"]["dit_fm_bf16"]["median_step_s"]
+    print(f"{name:12} {row['median_step_s']:13.4f} {row['ratio_to_flow_matching']:16.2f} {row['peak_gpu_mem_mib']:12.0f}"
+          f"  {row['loss_last']:.4f}   (DiT; ratio to dit_fm_bf16)")
+
 records, by_step = log("fd_bf16")
 resumed = [r for r in records if r.get("event") == "resume"]
 ok = bool(resumed) and resumed[-1]["from_step"] == steps and sorted(by_step)[-1] == steps + 2
@@ -175,7 +198,7 @@ if not ok:
 compiled = [r for r in log("compile_bf16")[0] if "step" in r]
 summary["checks"]["compile_loss_finite"] = all(r["loss"] == r["loss"] for r in compiled)
 
-for name in ("fm_bf16", "fd_bf16", "jvp_bf16", "latent_bf16", "compile_bf16"):
+for name in ("fm_bf16", "fd_bf16", "jvp_bf16", "latent_bf16", "compile_bf16", "dit_fd_bf16"):
     pipe = MMFPipeline.from_pretrained(os.path.join(out, name)).to(device)
     pipe.set_progress_bar_config(disable=True)
     images = pipe(num_images=4, output_type="np", generator=torch.Generator().manual_seed(0)).images

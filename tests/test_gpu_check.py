@@ -43,7 +43,10 @@ def test_gpu_check_dry_run_passes_and_writes_outside_the_repository(tmp_path):
         assert row["mean_abs_dudt"] > 0.01
     assert summary["checks"]["resume"] is True
     assert all(summary["checks"][f"{name}_generates"] for name in ("fm_bf16", "fd_bf16", "jvp_bf16", "latent_bf16",
-                                                                    "compile_bf16"))
+                                                                    "compile_bf16", "dit_fd_bf16"))
+    # the DiT's cost of MMF against flow matching (same model and batch): measured, not bounded, on a CPU
+    assert summary["timing"]["dit_fd_bf16"]["ratio_to_flow_matching"] > 0
+    assert summary["timing"]["dit_fm_bf16"]["steps"] == summary["timing"]["dit_fd_bf16"]["steps"] == 2
     assert "Mixed precision: bf16" not in result.stdout  # the script's flag, no launcher here
     assert "gpu_check done" in result.stdout
     shutil.rmtree(out)
