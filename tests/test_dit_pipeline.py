@@ -183,3 +183,42 @@ def test_mmf_generate_on_a_dit_folder(tmp_path, capsys):
     # 2 x 2 tiles of 16 px (the DiT's 8 px upscaled twice) with 2 px padding.
     assert Image.open(out).size == (2 * 18 + 2, 2 * 18 + 2)
     assert str(out) in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_dit_pipeline_pushed_to_a_hub_loads_with_the_package_and_with_diffusers_alone(tmp_path):
+    """Pushed with push_pipeline_folder to the local Hub look-alike; loaded from the repository with MMFPipeline, and
+    in a subprocess where mmf_diffusers cannot be imported, with DiffusionPipeline(trust_remote_code=True)."""
+    from test_hub import BLOCK_MMF_DIFFUSERS, TOKEN, USER, hub_env, run_script
+
+    from hub_server import HubServer
+    from mmf_diffusers.hub import push_pipeline_folder
+
+    transformer, conditioner = conditional_dit()
+    pipe = pipeline(transformer=transformer, conditioner=conditioner)
+    folder, repo = str(tmp_path / "pipe"), f"{USER}/mmf-tiny-dit"
+    pipe.save_pretrained(folder)
+    z_1 = noise(3)
+    np.save(tmp_path / "z_1.npy", z_1.numpy())
+    expected = pipe(latents=z_1, class_labels=[2, 0, 1], output_type="latent").images
+    with HubServer({TOKEN: USER}) as hub:
+        push_pipeline_folder(folder, repo, token=TOKEN, endpoint=hub.url)
+        run_script(f"""
+            import numpy as np, torch
+            from mmf_diffusers import MMFPipeline
+            pipe = MMFPipeline.from_pretrained({repo!r})
+            z_1 = torch.from_numpy(np.load("z_1.npy"))
+            np.save("package.npy", pipe(latents=z_1, class_labels=[2, 0, 1], output_type="latent").images.numpy())
+            """, hub_env(hub, str(tmp_path)), str(tmp_path))
+        run_script(BLOCK_MMF_DIFFUSERS + f"""
+import numpy as np, torch
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained({repo!r}, trust_remote_code=True)
+assert type(pipe.transformer).__module__.endswith(".transformer_mmf"), type(pipe.transformer).__module__
+z_1 = torch.from_numpy(np.load("z_1.npy"))
+np.save("remote_code.npy", pipe(latents=z_1, class_labels=[2, 0, 1], output_type="latent").images.numpy())
+""", hub_env(hub, str(tmp_path), pythonpath=None), str(tmp_path))
+    for name in ("package", "remote_code"):
+        # the loaded DiT uses diffusers' fused SDPA attention: last-bit differences
+        torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / f"{name}.npy")), expected, atol=1e-5,
+                                   rtol=1e-5)
