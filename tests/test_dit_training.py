@@ -118,3 +118,29 @@ def test_dit_resumes_and_refuses_a_changed_size(tmp_path):
     assert [r["from_step"] for r in lines if r.get("event") == "resume"] == [3]
     assert max(r["step"] for r in lines if "step" in r) == 4
     load_and_generate(out)
+
+
+@pytest.mark.slow
+def test_latent_dit_through_a_tiny_vae_then_generate(tmp_path):
+    from test_latent import tiny_vae
+
+    from mmf_diffusers import MMFPipeline
+
+    vae_dir = tmp_path / "vae"
+    tiny_vae().save_pretrained(vae_dir)  # factor 2: 8x8 digits become 4x4x4 latents
+    out = tmp_path / "out"
+    check(run_script(tmp_path, [*TINY_DIT, "--output_dir", out, "--vae_name_or_path", vae_dir, "--center_crop",
+                                "--max_train_steps", "2"]))
+    config = json.loads((out / "transformer" / "config.json").read_text())
+    assert (config["in_channels"], config["sample_size"], config["patch_size"]) == (4, 4, 2)
+    pipe = MMFPipeline.from_pretrained(str(out))
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.is_latent and pipe.image_size == 8
+    images = pipe(num_images=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert images.shape == (2, 8, 8, 1) and np.isfinite(images).all()
+    # the latent side (4) must be a multiple of the patch: refused in one line once the VAE is read
+    result = run_script(tmp_path, [*TINY_DIT, "--output_dir", tmp_path / "bad", "--vae_name_or_path", vae_dir,
+                                   "--center_crop", "--patch_size", "3", "--max_train_steps", "1"])
+    assert result.returncode != 0
+    assert "The latent size 4 is not a multiple of the DiT's --patch_size 3" in result.stderr
+    assert "Traceback" not in result.stderr
