@@ -144,3 +144,28 @@ def test_latent_dit_through_a_tiny_vae_then_generate(tmp_path):
     assert result.returncode != 0
     assert "The latent size 4 is not a multiple of the DiT's --patch_size 3" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_dit_under_fsdp2_on_two_processes(tmp_path):
+    """training/configs/fsdp2_dit.yaml on 2 CPU processes (gloo; MMF_TEST_ENGINE_ON_CPU applies FSDP2 there, as
+    tests/test_fsdp.py does for the UNet): the 2 blocks' attention and feed-forward modules are units of their own."""
+    import yaml
+    from test_multiprocess import free_port
+    from test_training import script_env
+
+    config = yaml.safe_load((REPO / "training" / "configs" / "fsdp2_dit.yaml").read_text())
+    config.update(main_process_port=free_port(), use_cpu=True)
+    config.pop("rdzv_backend", None)
+    path = tmp_path / "fsdp2_dit.yaml"
+    path.write_text(yaml.safe_dump(config))
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(path)]
+    out = tmp_path / "out"
+    result = check(run_script(tmp_path, [*TINY_DIT, "--train_batch_size", "4", "--max_train_steps", "2",
+                                         "--output_dir", out], launcher=launcher,
+                              env=script_env(tmp_path, MMF_TEST_ENGINE_ON_CPU="1"), timeout=400))
+    assert "Engine: fsdp2 over 2 processes" in result.stdout and "parameters sharded" in result.stdout
+    units = int(result.stdout.split("FSDP2: ")[1].split()[0])
+    assert units >= 5, result.stdout[-2000:]  # the root and 2 x (attention, feed-forward)
+    saved_dit(out)
+    load_and_generate(out)
