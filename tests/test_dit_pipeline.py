@@ -222,3 +222,13 @@ np.save("remote_code.npy", pipe(latents=z_1, class_labels=[2, 0, 1], output_type
         # the loaded DiT uses diffusers' fused SDPA attention: last-bit differences
         torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / f"{name}.npy")), expected, atol=1e-5,
                                    rtol=1e-5)
+
+
+def test_the_demo_generates_from_a_dit_pipeline():
+    from mmf_diffusers.demo import EACH_CLASS, ImageDemo
+
+    transformer, conditioner = conditional_dit()
+    demo = ImageDemo(pipeline(transformer=transformer, conditioner=conditioner))
+    assert demo.label_choices[0] == EACH_CLASS and demo.class_names == ["0", "1", "2"]
+    grid, info = demo.generate(EACH_CLASS, 3, 1, 0)
+    assert grid.size[0] > 3 * SIZE and "3 images, 1 step" in info and "each class in turn" in info
