@@ -38,6 +38,17 @@ NAMES = ["cat", "dog", "fox"]
 NULL = len(NAMES)  # the "no label" id
 
 
+def same_images(a, b) -> bool:
+    """Equal up to float32 rounding: with several threads the fused CPU attention kernel may round differently in two
+    module instances (with one thread the images are bit-identical); a wrong load or label path differs far more."""
+    return a.shape == b.shape and bool(np.allclose(a, b, rtol=1e-5, atol=1e-5))
+
+
+def same_tensors(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """`same_images` for tensors."""
+    return a.shape == b.shape and bool(torch.allclose(a, b, rtol=1e-5, atol=1e-5))
+
+
 def tiny_unet(seed: int = 0) -> UNet2DModel:
     torch.manual_seed(seed)
     return build_mmf_unet(sample_size=SIZE, in_channels=1, block_out_channels=(16, 16))
@@ -231,7 +242,7 @@ def test_unconditional_pipeline_folder_loads_and_generates_unchanged():
     enable_forward_ad(pipe.unet)  # the attention processor add_class_conditioning installs: bit-exact comparison
     expected = pipe(latents=z, output_type="pt").images
     for class_labels in (None, 7, [3, "9"]):
-        assert torch.equal(conditional(latents=z, class_labels=class_labels, output_type="pt").images, expected)
+        assert same_tensors(conditional(latents=z, class_labels=class_labels, output_type="pt").images, expected)
 
 
 def test_unconditional_save_load_has_no_conditioner(tmp_path):
@@ -243,7 +254,7 @@ def test_unconditional_save_load_has_no_conditioner(tmp_path):
     assert not loaded.is_class_conditional
     enable_forward_ad(loaded.unet)
     z = noise()
-    assert torch.equal(loaded(latents=z, output_type="pt").images, pipe(latents=z, output_type="pt").images)
+    assert same_tensors(loaded(latents=z, output_type="pt").images, pipe(latents=z, output_type="pt").images)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -505,7 +516,7 @@ def test_save_and_load_keep_labels_names_and_guidance(tmp_path):
     for kwargs in ({"class_labels": ["fox", "cat", "dog"]}, {"class_labels": "dog", "num_inference_steps": 2},
                    {"class_labels": ["cat", 2, "cat"], "guidance_scale": 3.0}, {}):
         expected = pipe(num_images=3, generator=seeded(5), output_type="np", **kwargs).images
-        assert np.array_equal(loaded(num_images=3, generator=seeded(5), output_type="np", **kwargs).images, expected)
+        assert same_images(loaded(num_images=3, generator=seeded(5), output_type="np", **kwargs).images, expected)
     # The names come from the saved config: an unknown one is still refused after loading.
     with pytest.raises(ValueError, match="Unknown class name"):
         loaded(num_images=1, class_labels="0")

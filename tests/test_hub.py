@@ -184,6 +184,12 @@ def captured_everything():
         texts += [out.getvalue(), err.getvalue(), *handler.messages]
 
 
+def same_images(a, b) -> bool:
+    """Equal up to float32 rounding: with several threads the fused CPU attention kernel may round differently in two
+    processes or two module instances (with one thread the images are bit-identical); a wrong load differs far more."""
+    return a.shape == b.shape and bool(np.allclose(a, b, rtol=1e-5, atol=1e-5))
+
+
 # ---------------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def hub():
@@ -303,9 +309,9 @@ def test_repo_loads_with_mmf_pipeline_and_gives_the_same_images(pushed, referenc
         report = json.load(f)
     for name in ("private", "push_to_hub"):
         assert report[name] == ["mmf_diffusers.pipeline_mmf", "mmf_diffusers.scheduling_mmf"], name
-        assert np.array_equal(load_npy(pushed, f"{name}_package"), reference["images"]), name
-        assert np.array_equal(load_npy(pushed, f"{name}_package_2_steps"), reference["images_2_steps"]), name
-    assert np.array_equal(load_npy(pushed, "load_pipeline"), reference["images"])
+        assert same_images(load_npy(pushed, f"{name}_package"), reference["images"]), name
+        assert same_images(load_npy(pushed, f"{name}_package_2_steps"), reference["images_2_steps"]), name
+    assert same_images(load_npy(pushed, "load_pipeline"), reference["images"])
 
 
 @pytest.mark.slow
@@ -317,8 +323,8 @@ def test_repo_loads_with_diffusers_alone_and_gives_the_same_images(pushed, refer
         pipeline_module, scheduler_module = report[name]
         assert pipeline_module.startswith("diffusers_modules.") and pipeline_module.endswith(".pipeline"), name
         assert scheduler_module.startswith("diffusers_modules.") and scheduler_module.endswith(".scheduling_mmf"), name
-        assert np.array_equal(load_npy(pushed, f"{name}_remote_code"), reference["images"]), name
-        assert np.array_equal(load_npy(pushed, f"{name}_remote_code_2_steps"), reference["images_2_steps"]), name
+        assert same_images(load_npy(pushed, f"{name}_remote_code"), reference["images"]), name
+        assert same_images(load_npy(pushed, f"{name}_remote_code_2_steps"), reference["images_2_steps"]), name
     # diffusers' import check would warn about a package the copied files name but cannot find.
     assert "might require the following packages" not in pushed["loaders"][1].stderr
 
@@ -547,7 +553,7 @@ def test_conditional_repos_load_with_mmf_pipeline_and_give_the_same_images(pushe
             "guidance": [1.5, 0.25],
         }, name
         samples = load_npy(pushed_conditional, name if name == "load_pipeline" else f"{name}_package")
-        assert np.array_equal(samples, pushed_conditional["reference"]), name
+        assert same_images(samples, pushed_conditional["reference"]), name
 
 
 @pytest.mark.slow
@@ -561,7 +567,7 @@ def test_conditional_repos_load_with_diffusers_alone_and_give_the_same_images(pu
         assert entry["conditioner"].endswith(".conditioning_mmf"), name
         assert entry["scheduler"].endswith(".scheduling_mmf"), name
         assert entry["class_names"] == CONDITIONAL_NAMES and entry["guidance"] == [1.5, 0.25], name
-        assert np.array_equal(load_npy(pushed_conditional, f"{name}_remote_code"), pushed_conditional["reference"])
+        assert same_images(load_npy(pushed_conditional, f"{name}_remote_code"), pushed_conditional["reference"])
     assert "might require the following packages" not in pushed_conditional["loaders"][1].stderr
 
 
@@ -717,9 +723,9 @@ def test_trajectory_repos_load_with_mmf_trajectory_pipeline_and_give_the_same_sa
     report = trajectory_report(pushed_trajectories, "package_report.json")
     for name in TRAJECTORY_REPOS:
         assert report[name] == ["mmf_diffusers.pipeline_mmf_trajectory", "mmf_diffusers.scheduling_mmf"], name
-        assert np.array_equal(load_npy(pushed_trajectories, f"{name}_package"), pushed_trajectories["reference"]), name
+        assert same_images(load_npy(pushed_trajectories, f"{name}_package"), pushed_trajectories["reference"]), name
     assert report["load_pipeline"] == "MMFTrajectoryPipeline"
-    assert np.array_equal(load_npy(pushed_trajectories, "load_pipeline"), pushed_trajectories["reference"])
+    assert same_images(load_npy(pushed_trajectories, "load_pipeline"), pushed_trajectories["reference"])
 
 
 @pytest.mark.slow
@@ -732,7 +738,7 @@ def test_trajectory_repos_load_with_diffusers_alone_and_give_the_same_samples(pu
         assert pipeline_class == "MMFTrajectoryPipeline", name
         assert scheduler_module.endswith(".scheduling_mmf"), name
         reference = pushed_trajectories["reference"]
-        assert np.array_equal(load_npy(pushed_trajectories, f"{name}_remote_code"), reference), name
+        assert same_images(load_npy(pushed_trajectories, f"{name}_remote_code"), reference), name
     assert "might require the following packages" not in pushed_trajectories["loaders"][1].stderr
 
 
