@@ -19,9 +19,10 @@ from test_training import parse_error, run_script
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "training"))
 
-TINY_DIT = ["--dataset_name", "sklearn-digits", "--resolution", "8", "--backbone", "dit", "--dit_layers", "2",
-            "--dit_heads", "2", "--dit_head_dim", "8", "--patch_size", "2", "--train_batch_size", "8",
-            "--max_train_steps", "3", "--num_sample_images", "4", "--lr_warmup_steps", "0", "--seed", "0"]
+#: The run without the DiT's size flags (a pretrained DiT brings its own size).
+DIT_RUN = ["--dataset_name", "sklearn-digits", "--resolution", "8", "--backbone", "dit", "--train_batch_size", "8",
+           "--max_train_steps", "3", "--num_sample_images", "4", "--lr_warmup_steps", "0", "--seed", "0"]
+TINY_DIT = [*DIT_RUN, "--dit_layers", "2", "--dit_heads", "2", "--dit_head_dim", "8", "--patch_size", "2"]
 
 
 def check(result):
@@ -61,6 +62,8 @@ def test_unconditional_dit_finite_differences_with_ema_then_generate(tmp_path):
     assert saved_dit(out)["class_embed_type"] == "timestep"
     training = json.loads((out / "training_config.json").read_text())
     assert training["backbone"] == "dit" and training["derivative"] == "finite_difference"
+    card = (out / "README.md").read_text()
+    assert "the diffusion transformer (DiT) predicts" in card and "UNet" not in card
     load_and_generate(out)
 
 
@@ -169,3 +172,86 @@ def test_dit_under_fsdp2_on_two_processes(tmp_path):
     assert units >= 5, result.stdout[-2000:]  # the root and 2 x (attention, feed-forward)
     saved_dit(out)
     load_and_generate(out)
+
+
+def tiny_stock_dit(folder: Path, num_classes: int = 10, sample_size: int = 8):
+    """A diffusers DiTTransformer2DModel as diffusers saves it (the kind of model a converted ImageNet DiT is)."""
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=1, out_channels=1,
+                                num_layers=2, sample_size=sample_size, patch_size=2, num_embeds_ada_norm=num_classes)
+    tables = [block.norm1.emb.class_embedder.embedding_table.weight for block in dit.transformer_blocks]
+    with torch.no_grad():  # converted DiT checkpoints hold one label table, repeated in every block
+        for table in tables[1:]:
+            table.copy_(tables[0])
+    dit.save_pretrained(str(folder / "transformer"))
+    return dit
+
+
+@pytest.mark.slow
+def test_pretrained_stock_dit_brings_its_labels_and_a_trained_mmf_dit_warm_starts(tmp_path):
+    tiny_stock_dit(tmp_path / "stock")
+    out = tmp_path / "conditional"
+    result = check(run_script(tmp_path, [*DIT_RUN, "--output_dir", out, "--class_conditional", "--pretrained_dit",
+                                         tmp_path / "stock", "--pretrained_dit_subfolder", "transformer"]))
+    assert "10 label embeddings become the conditioner's" in result.stdout + result.stderr
+    load_and_generate(out, class_labels=[0, 1, 2, 3])
+    # An unconditional MMF DiT trained by the script warm-starts the next run (here: the same model, from its folder).
+    first = tmp_path / "first"
+    check(run_script(tmp_path, [*TINY_DIT, "--output_dir", first]))
+    second = tmp_path / "second"
+    check(run_script(tmp_path, [*DIT_RUN, "--output_dir", second, "--pretrained_dit", first,
+                                "--pretrained_dit_subfolder", "transformer"]))
+    assert saved_dit(second)["class_embed_type"] == "timestep"
+    # A class-conditional MMF DiT keeps its labels in the conditioner, which a warm start does not load: refused.
+    refused = run_script(tmp_path, [*DIT_RUN, "--output_dir", tmp_path / "third", "--pretrained_dit", out,
+                                    "--pretrained_dit_subfolder", "transformer"])
+    assert refused.returncode != 0 and "is a class-conditional MMF DiT" in refused.stderr
+    assert "Traceback" not in refused.stderr and not (tmp_path / "third" / "model_index.json").exists()
+
+
+@pytest.mark.slow
+def test_a_pretrained_dit_of_another_size_is_refused_in_one_line(tmp_path):
+    tiny_stock_dit(tmp_path / "stock", sample_size=4)
+    result = run_script(tmp_path, ["--dataset_name", "sklearn-digits", "--resolution", "8", "--backbone", "dit",
+                                   "--pretrained_dit", tmp_path / "stock" / "transformer", "--max_train_steps", "1",
+                                   "--output_dir", tmp_path / "out"])
+    assert result.returncode != 0 and "built for 4x4 inputs, the images are 8x8" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--backbone", "dit", "--pretrained_dit", "x", "--dit_layers", "2"], "--dit_layers size a new DiT and do not "
+                                                                          "apply with --pretrained_dit"),
+    (["--backbone", "dit", "--pretrained_dit_subfolder", "transformer"], "--pretrained_dit_subfolder needs "
+                                                                         "--pretrained_dit"),
+    (["--pretrained_dit", "x"], "--pretrained_dit only apply with --backbone dit"),
+    (["--gradient_checkpointing", "--derivative", "jvp", "--lam_end", "0.5"],
+     "--gradient_checkpointing does not apply to --derivative jvp with lam > 0"),
+])
+def test_pretrained_dit_and_checkpointing_flags_are_checked_in_one_line(capsys, tmp_path, extra, message):
+    argv = ["--dataset_name", "sklearn-digits", "--output_dir", str(tmp_path / "out"), *extra]
+    assert message in parse_error(capsys, argv)
+
+
+def train_log(folder: Path) -> list:
+    with open(folder / "logs" / "train_log.jsonl", encoding="utf-8") as f:
+        return [r for r in map(json.loads, f) if "step" in r]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone", [
+    ["--block_out_channels", "8", "16"],
+    ["--backbone", "dit", "--dit_layers", "2", "--dit_heads", "2", "--dit_head_dim", "8", "--patch_size", "2"],
+])
+def test_gradient_checkpointing_gives_the_same_steps(tmp_path, backbone):
+    """Recomputed activations, same maths: the loss, du/dt and gradient norm of each step agree with a plain run."""
+    common = ["--dataset_name", "sklearn-digits", "--resolution", "8", "--train_batch_size", "8",
+              "--max_train_steps", "2", "--num_sample_images", "4", "--lr_warmup_steps", "0", "--seed", "0",
+              *backbone]
+    check(run_script(tmp_path, [*common, "--output_dir", tmp_path / "plain"]))
+    check(run_script(tmp_path, [*common, "--output_dir", tmp_path / "checkpointed", "--gradient_checkpointing"]))
+    for a, b in zip(train_log(tmp_path / "plain"), train_log(tmp_path / "checkpointed"), strict=True):
+        for key in ("loss", "grad_norm", "mean_abs_dudt"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), (key, a, b)

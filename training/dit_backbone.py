@@ -17,7 +17,10 @@ BACKBONES = ("unet", "dit")
 UNET_FLAGS = ("block_out_channels", "layers_per_block", "attention_levels", "norm_num_groups", "attention_head_dim",
               "pretrained_unet", "pretrained_unet_subfolder")
 #: Flags of the DiT, refused with the UNet for the same reason.
-DIT_FLAGS = ("dit_size", "dit_layers", "dit_heads", "dit_head_dim", "patch_size", "dit_init")
+DIT_FLAGS = ("dit_size", "dit_layers", "dit_heads", "dit_head_dim", "patch_size", "dit_init", "pretrained_dit",
+             "pretrained_dit_subfolder")
+#: The DiT's size and initialisation flags: a pretrained DiT brings its own, so they are refused beside it.
+DIT_SIZE_FLAGS = ("dit_size", "dit_layers", "dit_heads", "dit_head_dim", "patch_size", "dit_init")
 DEFAULT_DIT_SIZE = "S"
 DEFAULT_PATCH_SIZE = 2
 #: mmf_diffusers.DIT_SIZES's keys (written out here so that the flags parse without importing diffusers; a test
@@ -51,6 +54,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dit_init", type=_bool01, default=None,
                    help="1: the DiT paper's initialisation (zero adaLN modulation and output layer, so u = 0 at the "
                         "start); 0 (default): diffusers' (PyTorch's) initialisation.")
+    g.add_argument("--pretrained_dit", type=str, default=None,
+                   help="Warm-start from a DiT (local folder or Hub id) instead of building one: diffusers' own "
+                        "DiTTransformer2DModel (e.g. a converted ImageNet DiT; its label table becomes the "
+                        "conditioner with --class_conditional when the data has as many classes, else it is folded "
+                        "in at the 'no label' row, mmf_diffusers.convert_stock_dit) or an unconditional "
+                        "MMFDiTTransformer2DModel. The new second-time MLP starts at zero, so the model starts as the "
+                        "pretrained one. The size flags above are then refused (the model brings its own).")
+    g.add_argument("--pretrained_dit_subfolder", type=str, default=None,
+                   help="Subfolder of --pretrained_dit holding the DiT (e.g. 'transformer' for a pipeline repository).")
 
 
 def given_flags(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> Set[str]:
@@ -76,6 +88,10 @@ def check_flags(args: argparse.Namespace, given: Set[str]) -> None:
         if wrong:
             raise ValueError(f"{', '.join(wrong)} size or load a UNet and do not apply with --backbone dit (size the "
                              "DiT with --dit_size or --dit_layers / --dit_heads / --dit_head_dim, --patch_size)")
+        sized = [f"--{name}" for name in DIT_SIZE_FLAGS if name in given]
+        if sized and "pretrained_dit" in given:
+            raise ValueError(f"{', '.join(sized)} size a new DiT and do not apply with --pretrained_dit (the "
+                             "pretrained model brings its own size and weights)")
         if getattr(args, "modality", None) == "trajectory":
             raise ValueError("--backbone dit applies to images; --modality trajectory builds a UNet1DModel")
     else:
@@ -89,6 +105,13 @@ def validate(args: argparse.Namespace, need: Callable[[bool, str], None]) -> Non
     for name in ("dit_layers", "dit_heads", "dit_head_dim", "patch_size"):
         value = getattr(args, name)
         need(value is None or value >= 1, f"--{name} must be a positive integer, got {value}")
+    if args.pretrained_dit is not None or args.pretrained_dit_subfolder is not None:
+        need(args.pretrained_dit is not None and bool(args.pretrained_dit.strip()),
+             "--pretrained_dit_subfolder needs --pretrained_dit" if args.pretrained_dit is None
+             else "--pretrained_dit is empty")
+        need(args.pretrained_dit_subfolder is None or bool(args.pretrained_dit_subfolder.strip()),
+             "--pretrained_dit_subfolder is empty")
+        return  # the size is the pretrained model's (checked against the data by `load_pretrained`)
     patch = args.patch_size or DEFAULT_PATCH_SIZE
     # Latents: the latent size is known once the VAE is loaded (checked by `build`).
     need(args.vae_name_or_path is not None or args.resolution % patch == 0,
@@ -117,6 +140,70 @@ def build(args: argparse.Namespace, sample_size: int, in_channels: int, error_cl
         raise error_cls(f"The latent size {sample_size} is not a multiple of the DiT's --patch_size {patch}")
     return build_mmf_dit(sample_size=sample_size, in_channels=in_channels, patch_size=patch,
                          dit_init=bool(args.dit_init), **dit_config(args))
+
+
+def load_pretrained(args: argparse.Namespace, sample_size: int, in_channels: int,
+                    class_names: Optional[Sequence[str]], error_cls=ValueError, log: Callable[[str], None] = print):
+    """``(transformer, conditioner)`` warm-started from ``--pretrained_dit``; ``conditioner`` is the stock DiT's own
+    label table when ``class_names`` (class-conditional training) has as many classes, else None (the caller adds
+    one). The model starts as the pretrained one: the second-time MLP's output is zero."""
+    from diffusers import DiTTransformer2DModel
+
+    from mmf_diffusers import MMFDiTTransformer2DModel
+
+    where = f"--pretrained_dit {args.pretrained_dit!r}" + (
+        f" (subfolder {args.pretrained_dit_subfolder!r})" if args.pretrained_dit_subfolder else "")
+    try:
+        config = DiTTransformer2DModel.load_config(args.pretrained_dit, subfolder=args.pretrained_dit_subfolder)
+        name = config.get("_class_name")
+        if name == "MMFDiTTransformer2DModel":
+            model = MMFDiTTransformer2DModel.from_pretrained(args.pretrained_dit,
+                                                             subfolder=args.pretrained_dit_subfolder)
+        elif name == "DiTTransformer2DModel":
+            model = DiTTransformer2DModel.from_pretrained(args.pretrained_dit, subfolder=args.pretrained_dit_subfolder)
+        else:
+            raise error_cls(f"{where} holds a {name}, not a DiTTransformer2DModel or an MMFDiTTransformer2DModel")
+    except (OSError, ValueError) as error:
+        if isinstance(error, error_cls):
+            raise
+        raise error_cls(f"Could not load a DiT from {where}: {str(error).splitlines()[0]}")
+    if model.config.in_channels != in_channels:
+        raise error_cls(f"The pretrained DiT takes {model.config.in_channels} channels, the "
+                        f"{'latents have' if args.vae_name_or_path else 'data has'} {in_channels}")
+    if model.config.sample_size != sample_size:
+        raise error_cls(f"The pretrained DiT was built for {model.config.sample_size}x{model.config.sample_size} "
+                        f"inputs, the {'latents are' if args.vae_name_or_path else 'images are'} "
+                        f"{sample_size}x{sample_size}")
+    try:
+        return _convert_pretrained(model, class_names, where, error_cls, log)
+    except ValueError as error:
+        if isinstance(error, error_cls):
+            raise
+        raise error_cls(f"Could not use the DiT of {where}: {error}")
+
+
+def _convert_pretrained(model, class_names, where, error_cls, log):
+    from mmf_diffusers import (MMFDiTTransformer2DModel, convert_stock_dit, convert_stock_dit_class_conditional,
+                               prepare_dit_for_mmf)
+
+    conditioner = None
+    if isinstance(model, MMFDiTTransformer2DModel):
+        if model.config.class_embed_type != "timestep":
+            raise error_cls(f"{where} is a class-conditional MMF DiT; its labels live in the pipeline's conditioner, "
+                            "which a warm start does not load: resume that run, or start from an unconditional one")
+        transformer = prepare_dit_for_mmf(model)
+    else:
+        stock_classes = model.config.num_embeds_ada_norm
+        if class_names is not None and len(class_names) == stock_classes:
+            transformer, conditioner = convert_stock_dit_class_conditional(model, class_names)
+            log(f"The pretrained DiT's {stock_classes} label embeddings become the conditioner's (in the data's "
+                "class order).")
+        else:
+            transformer = convert_stock_dit(model)
+            if class_names is not None:
+                log(f"Note: the pretrained DiT knows {stock_classes} classes, the data has {len(class_names)}: its "
+                    "labels are dropped (folded in at 'no label') and new ones are learned.")
+    return transformer, conditioner
 
 
 def add_class_conditioning(transformer, class_names: Sequence[str], label_init_std: float):

@@ -202,7 +202,7 @@ FROZEN_ON_RESUME = (
     "adaptive_p", "adaptive_c", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon", "ema_max_decay",
     "ema_inv_gamma", "ema_power", "lr_scheduler", "lr_warmup_steps", "train_batch_size",
     "gradient_accumulation_steps", "backbone", "dit_size", "dit_layers", "dit_heads", "dit_head_dim", "patch_size",
-    "dit_init",
+    "dit_init", "pretrained_dit", "pretrained_dit_subfolder",
 )
 
 

@@ -184,8 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "w / (1 - kappa). w = 1, kappa = 0: no guidance.")
     g.add_argument("--cfg_kappa", type=_finite_float, default=0.0, help="kappa of --cfg_w's formula, in [0, 1).")
     g.add_argument("--label_init_std", type=_finite_float, default=None,
-                   help="Std of the initial label embedding. Default: 0 with --pretrained_unet (the warm start then "
-                        "computes exactly what the unconditional UNet computed; labels are learned slowly), else 1 "
+                   help="Std of the initial label embedding. Default: 0 with --pretrained_unet / --pretrained_dit (the "
+                        "warm start then computes exactly what the unconditional model computed; labels are learned slowly), else 1 "
                         "(nn.Embedding's init). A value like 0.3 gives a warm start distinct class codes at once.")
 
     g = parser.add_argument_group("MMF loss")
@@ -276,6 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--torch_compile_backend", type=str, default=None, metavar="NAME",
                    help="The torch.compile backend of --torch_compile (default: torch's, inductor); e.g. 'aot_eager' "
                    "captures the same graphs without generating code (a quick check of the compiled path on a CPU).")
+    g.add_argument("--gradient_checkpointing", action="store_true",
+                   help="Recompute the backbone's blocks in backward instead of keeping their activations (diffusers' "
+                   "enable_gradient_checkpointing): less activation memory for about one more forward per step; the "
+                   "gradients are the same. Only the forward that carries gradients is checkpointed (du/dt's extra "
+                   "forwards keep none). Not with --derivative jvp and lam > 0.")
     g.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None,
                    help="Autocast precision of the main forward and backward (weights stay float32); du/dt is computed "
                    "in float32 outside autocast with either estimator (a difference of low-precision outputs is "
@@ -376,6 +381,9 @@ def validate_args(args: argparse.Namespace) -> None:
          "--torch_compile does not apply to --derivative jvp: torch.compile falls back to eager inside torch.func.jvp "
          "(a graph break on every UNet frame, torch 2.13; no speed-up measured by benchmarks/engine_flags.py); use "
          "--derivative finite_difference")
+    need(not (args.gradient_checkpointing and args.derivative == "jvp" and (args.lam_end > 0 or (args.lam_start or 0) > 0)),
+         "--gradient_checkpointing does not apply to --derivative jvp with lam > 0: torch's checkpoint cannot recompute a "
+         "forward that carries forward-mode tangents (torch 2.13); use --derivative finite_difference")
     need(0.0 <= args.ema_max_decay <= 1.0, f"--ema_max_decay must be in [0, 1], got {args.ema_max_decay}")
     need(0.0 <= args.label_dropout < 1.0, f"--label_dropout must be in [0, 1), got {args.label_dropout}")
     need(args.cfg_w > 0, f"--cfg_w must be positive, got {args.cfg_w}")
@@ -809,9 +817,14 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
 
     if args.time_scale is None:
         args.time_scale = DEFAULT_TIME_SCALE
+    conditioner = None  # set here only by a pretrained DiT that brings its own label table
     if modality is not None:
         unet = modality.build_unet()
-    elif args.backbone == "dit":  # the DiT takes the UNet's place (same calls); `unet` names the backbone below
+    elif args.backbone == "dit" and args.pretrained_dit:  # the DiT takes the UNet's place; `unet` names it below
+        unet, conditioner = dit_backbone.load_pretrained(args, unet_size, unet_channels,
+                                                         class_names if args.class_conditional else None,
+                                                         ConfigError, log)
+    elif args.backbone == "dit":
         unet = dit_backbone.build(args, unet_size, unet_channels, ConfigError)
     elif args.pretrained_unet:
         try:
@@ -839,12 +852,13 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
                               block_out_channels=args.block_out_channels, layers_per_block=args.layers_per_block,
                               attention_levels=args.attention_levels, norm_num_groups=args.norm_num_groups,
                               attention_head_dim=args.attention_head_dim)
-    conditioner = None
     if args.class_conditional:
         # The second-time MLP moves into the conditioner unchanged (a warm start keeps its function exactly).
         if args.label_init_std is None:
-            args.label_init_std = 0.0 if args.pretrained_unet else 1.0
-        if args.backbone == "dit":
+            args.label_init_std = 0.0 if args.pretrained_unet or args.pretrained_dit else 1.0
+        if conditioner is not None:
+            pass  # the pretrained DiT's own label table
+        elif args.backbone == "dit":
             unet, conditioner = dit_backbone.add_class_conditioning(unet, class_names, args.label_init_std)
         else:
             unet, conditioner = add_class_conditioning(unet, len(class_names), class_names, args.label_init_std)
@@ -856,6 +870,10 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
             conditioner.register_to_config(guidance_w=args.cfg_w, guidance_kappa=args.cfg_kappa)
         conditioner.train()
     unet.train()
+    if args.gradient_checkpointing:
+        if not unet._supports_gradient_checkpointing:
+            raise ConfigError(f"--gradient_checkpointing: diffusers' {type(unet).__name__} does not support it")
+        unet.enable_gradient_checkpointing()
     # One module (the UNet, or the UNet and its conditioner): FSDP2 and DeepSpeed accept one model per engine.
     model = engine_lib.combine(unet, conditioner, args.time_scale, args.second_time)
     num_params = sum(p.numel() for p in model.parameters())

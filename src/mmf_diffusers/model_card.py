@@ -156,6 +156,9 @@ def model_card_text(
     trajectories = pipeline_class_name(pipeline_config) == TRAJECTORY_PIPELINE
     conditioner_entry = pipeline_config.get("conditioner")
     class_conditional = isinstance(conditioner_entry, list) and bool(conditioner_entry) and conditioner_entry[0] is not None
+    transformer_entry = pipeline_config.get("transformer")
+    network = ("the diffusion transformer (DiT)" if isinstance(transformer_entry, list) and transformer_entry
+               and transformer_entry[0] is not None else "the UNet")
 
     data = ModelCardData(
         library_name="diffusers",
@@ -169,7 +172,7 @@ def model_card_text(
     else:
         title, description = "Modular MeanFlow one-step image generator", (
             "An unconditional image generator trained with Modular MeanFlow (MMF, You, Liu & He, arXiv 2508.17426): "
-            "the UNet predicts the average velocity `u(z_t, r, t)` between two times (t = 0 data, t = 1 noise), so "
+            f"{network} predicts the average velocity `u(z_t, r, t)` between two times (t = 0 data, t = 1 noise), so "
             "one network evaluation turns noise into an image, `x = z_1 - u(z_1, 0, 1)`; more steps are optional."
         )
         if class_conditional:
