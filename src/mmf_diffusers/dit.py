@@ -35,7 +35,7 @@ from diffusers import DiTTransformer2DModel
 from .conditioning_mmf import MMFConditioner
 from .pipeline_mmf import DEFAULT_TIME_SCALE
 from .transformer_mmf import DIT_TIME_PROJ, MMFDiTTransformer2DModel
-from .unet import ModelFn, _unwrap, enable_forward_ad, unet_model_fn
+from .unet import ModelFn, _unwrap, check_label_init_std, conditioner_around, enable_forward_ad, unet_model_fn
 
 #: The DiT paper's model sizes (Peebles & Xie, arXiv 2212.09748, Table 1): layers, heads, channels per head.
 DIT_SIZES: Dict[str, Dict[str, int]] = {
@@ -207,27 +207,14 @@ def add_dit_class_conditioning(
     starts at zero and the pair computes exactly what ``transformer`` computed for every label; a positive value
     draws it from ``N(0, label_init_std^2)`` (distinct codes per class from the start; 1.0 for a fresh model).
     """
-    if isinstance(label_init_std, bool) or not isinstance(label_init_std, (int, float)) or not label_init_std >= 0:
-        raise ValueError(f"label_init_std must be a number >= 0, got {label_init_std!r}")
+    check_label_init_std(label_init_std)
     if not isinstance(transformer, MMFDiTTransformer2DModel) or transformer.config.class_embed_type != "timestep":
         raise ValueError("add_dit_class_conditioning takes an unconditional MMFDiTTransformer2DModel "
                          "(class_embed_type='timestep')")
-    conditioner = MMFConditioner(
-        num_classes=num_classes,
-        time_embed_dim=transformer.inner_dim,
-        projection_dim=DIT_TIME_PROJ["num_channels"],
-        flip_sin_to_cos=DIT_TIME_PROJ["flip_sin_to_cos"],
-        freq_shift=DIT_TIME_PROJ["downscale_freq_shift"],
-        class_names=list(class_names) if class_names is not None else None,
-    ).to(device=transformer.device)
-    if conditioner.dtype != transformer.dtype:
-        conditioner = conditioner.to(dtype=transformer.dtype)
-    conditioner.time_embedding.load_state_dict(transformer.class_embedding.state_dict())
-    with torch.no_grad():
-        if label_init_std > 0:
-            conditioner.label_embedding.weight.normal_(0.0, float(label_init_std))
-        else:
-            conditioner.label_embedding.weight.zero_()
+    conditioner = conditioner_around(transformer.class_embedding, transformer, num_classes, class_names,
+                                     label_init_std, projection_dim=DIT_TIME_PROJ["num_channels"],
+                                     flip_sin_to_cos=DIT_TIME_PROJ["flip_sin_to_cos"],
+                                     freq_shift=DIT_TIME_PROJ["downscale_freq_shift"])
     new = _rebuilt(transformer, "identity")
     state = {k: v for k, v in transformer.state_dict().items() if not k.startswith("class_embedding.")}
     new.load_state_dict(state, strict=True)

@@ -189,6 +189,46 @@ def add_second_time_embedding(unet: UNet2DModel) -> UNet2DModel:
     return prepare_unet_for_mmf(new)
 
 
+def check_label_init_std(label_init_std) -> None:
+    if isinstance(label_init_std, bool) or not isinstance(label_init_std, (int, float)) or not label_init_std >= 0:
+        raise ValueError(f"label_init_std must be a number >= 0, got {label_init_std!r}")
+
+
+def conditioner_around(
+    second_time_mlp: torch.nn.Module,
+    backbone: torch.nn.Module,
+    num_classes: int,
+    class_names: Optional[Sequence[str]],
+    label_init_std: float,
+    *,
+    projection_dim: int,
+    flip_sin_to_cos: bool,
+    freq_shift: float,
+) -> MMFConditioner:
+    """An `MMFConditioner` holding a copy of ``second_time_mlp`` (a backbone's second-time ``TimestepEmbedding``,
+    whose sinusoid convention the other arguments give), on ``backbone``'s device and dtype, with its label embedding
+    zero (``label_init_std = 0``: the pair computes what the backbone computed) or drawn from
+    ``N(0, label_init_std^2)``. Shared by `add_class_conditioning` and `add_dit_class_conditioning`."""
+    check_label_init_std(label_init_std)
+    conditioner = MMFConditioner(
+        num_classes=num_classes,
+        time_embed_dim=second_time_mlp.linear_1.out_features,
+        projection_dim=projection_dim,
+        flip_sin_to_cos=flip_sin_to_cos,
+        freq_shift=freq_shift,
+        class_names=list(class_names) if class_names is not None else None,
+    ).to(device=backbone.device)
+    if conditioner.dtype != backbone.dtype:
+        conditioner = conditioner.to(dtype=backbone.dtype)
+    conditioner.time_embedding.load_state_dict(second_time_mlp.state_dict())
+    with torch.no_grad():
+        if label_init_std > 0:
+            conditioner.label_embedding.weight.normal_(0.0, float(label_init_std))
+        else:
+            conditioner.label_embedding.weight.zero_()
+    return conditioner
+
+
 def add_class_conditioning(
     unet: UNet2DModel,
     num_classes: int,
@@ -206,8 +246,7 @@ def add_class_conditioning(
     of perturbing the warm start. A fresh class-conditional model is
     ``add_class_conditioning(build_mmf_unet(...), num_classes, label_init_std=1.0)`` (nn.Embedding's own init).
     """
-    if isinstance(label_init_std, bool) or not isinstance(label_init_std, (int, float)) or not label_init_std >= 0:
-        raise ValueError(f"label_init_std must be a number >= 0, got {label_init_std!r}")
+    check_label_init_std(label_init_std)
     config = dict(unet.config)
     if config.get("class_embed_type") != "timestep":
         raise ValueError(
@@ -216,23 +255,9 @@ def add_class_conditioning(
         )
     if config.get("time_embedding_type") != "positional":
         raise ValueError(f"time_embedding_type must be 'positional', got {config.get('time_embedding_type')!r}")
-    conditioner = MMFConditioner(
-        num_classes=num_classes,
-        time_embed_dim=unet.class_embedding.linear_1.out_features,
-        projection_dim=unet.class_embedding.linear_1.in_features,
-        flip_sin_to_cos=config["flip_sin_to_cos"],
-        freq_shift=config["freq_shift"],
-        class_names=list(class_names) if class_names is not None else None,
-    ).to(device=unet.device)
-    if unet.dtype != conditioner.dtype:
-        conditioner = conditioner.to(dtype=unet.dtype)
-    conditioner.time_embedding.load_state_dict(unet.class_embedding.state_dict())
-    with torch.no_grad():
-        if label_init_std > 0:
-            conditioner.label_embedding.weight.normal_(0.0, float(label_init_std))
-        else:
-            conditioner.label_embedding.weight.zero_()
-
+    conditioner = conditioner_around(unet.class_embedding, unet, num_classes, class_names, label_init_std,
+                                     projection_dim=unet.class_embedding.linear_1.in_features,
+                                     flip_sin_to_cos=config["flip_sin_to_cos"], freq_shift=config["freq_shift"])
     config.pop("_use_default_values", None)
     config["class_embed_type"] = "identity"
     new = UNet2DModel.from_config(config).to(device=unet.device)
