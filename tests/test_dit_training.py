@@ -255,3 +255,32 @@ def test_gradient_checkpointing_gives_the_same_steps(tmp_path, backbone):
     for a, b in zip(train_log(tmp_path / "plain"), train_log(tmp_path / "checkpointed"), strict=True):
         for key in ("loss", "grad_norm", "mean_abs_dudt"):
             assert b[key] == pytest.approx(a[key], rel=1e-5), (key, a, b)
+
+
+def test_the_dit_of_the_same_budget_comparison_has_about_the_unets_parameters():
+    """benchmarks/dit_vs_unet_mnist.py compares backbones of similar size: built from its flags as the script
+    builds them (class-conditional, 28x28x1), the DiT's parameter count is within 25% of the UNet's."""
+    import importlib.util
+
+    import dit_backbone
+    import train_mmf
+
+    from mmf_diffusers import add_class_conditioning, build_mmf_unet
+
+    spec = importlib.util.spec_from_file_location("dit_vs_unet", REPO / "benchmarks" / "dit_vs_unet_mnist.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    names = [str(d) for d in range(10)]
+    counts = {}
+    for name, flags in bench.MODELS.items():
+        common = ["sklearn-digits" if a == "mnist-offline" else a for a in bench.COMMON]  # no MNIST needed to parse
+        args = train_mmf.parse_args([*common, *flags, "--output_dir", "unused"])
+        if args.backbone == "dit":
+            parts = dit_backbone.add_class_conditioning(dit_backbone.build(args, 28, 1), names, 1.0)
+        else:
+            parts = add_class_conditioning(build_mmf_unet(28, 1, block_out_channels=args.block_out_channels), 10,
+                                           names, 1.0)
+        counts[name] = sum(p.numel() for part in parts for p in part.parameters())
+    assert set(counts) >= {"unet", "dit"}
+    for name, count in counts.items():
+        assert 0.8 < count / counts["unet"] < 1.25, counts
