@@ -27,7 +27,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from test_latent import image_dataset, tiny_vae, uint8_digits
+from test_latent import image_dataset, latent_pipeline, tiny_vae, uint8_digits
 from test_training import check, run_script
 
 REPO = Path(__file__).resolve().parents[1]
@@ -174,6 +174,31 @@ def test_a_vae_with_a_zero_or_non_finite_factor_is_refused(config, message):
     vae.register_to_config(**config)
     with pytest.raises(latent_lib.LatentError, match=message.replace(".", r"\.").replace("(", r"\(")):
         latent_lib.LatentSpace(vae, 8, 1)
+
+
+def test_a_pipeline_refuses_such_a_vae_built_or_loaded(tmp_path, capsys):
+    """The pipeline's decode divides by scaling_factor: a hand-edited 0 (or NaN) would give NaN images. Refused when
+    the pipeline is built, when a saved folder is loaded, and by mmf-generate in one line."""
+    from mmf_diffusers import MMFPipeline, generate
+
+    pipe = latent_pipeline()
+    vae = tiny_vae()
+    vae.register_to_config(scaling_factor=0.0)
+    with pytest.raises(ValueError, match=r"scaling_factor is 0\.0: it must be a finite non-zero number"):
+        MMFPipeline(pipe.unet, pipe.scheduler, vae=vae)
+    folder = tmp_path / "pipeline"
+    pipe.save_pretrained(folder)
+    config = json.loads((folder / "vae" / "config.json").read_text())
+    config["scaling_factor"] = float("nan")
+    (folder / "vae" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="scaling_factor is nan"):
+        MMFPipeline.from_pretrained(str(folder))
+    with pytest.raises(SystemExit) as exit_info:
+        generate.main(["--pipeline", str(folder), "--output", str(tmp_path / "x.png")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "scaling_factor is nan" in err and "Traceback" not in err and err.count("\n") <= 3, err
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_the_training_script_refuses_such_a_vae_at_start(tmp_path, capsys):

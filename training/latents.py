@@ -48,7 +48,6 @@ import argparse
 import contextlib
 import hashlib
 import json
-import math
 import os
 import time
 from typing import Callable, Optional
@@ -134,23 +133,14 @@ def _first_line(error: Exception) -> str:
 
 
 def check_scaling(vae) -> None:
-    """A LatentError unless the VAE config's ``scaling_factor`` is a finite non-zero number and its ``shift_factor``
-    (if any) a finite number: latents are ``(E(x) - shift) * scale`` and decode as ``D(x / scale + shift)``, so a zero
-    or non-finite factor makes every latent or every image NaN (or constant)."""
-    config = dict(vae.config)
+    """A LatentError unless the VAE's factors can be used (`mmf_diffusers.pipeline_mmf.check_vae`: a finite non-zero
+    ``scaling_factor``, a finite or missing ``shift_factor``)."""
+    from mmf_diffusers.pipeline_mmf import check_vae
 
-    def finite(value) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-    scale = config.get("scaling_factor")
-    if not finite(scale) or scale == 0:
-        raise LatentError(f"The VAE's scaling_factor is {scale!r}: it must be a finite non-zero number (latents are "
-                          "(E(x) - shift_factor) * scaling_factor and decode as D(x / scaling_factor + shift_factor)); "
-                          "set it in the VAE's config.json")
-    shift = config.get("shift_factor")
-    if shift is not None and not finite(shift):
-        raise LatentError(f"The VAE's shift_factor is {shift!r}: it must be a finite number (or null) in the VAE's "
-                          "config.json")
+    try:
+        check_vae(vae)
+    except ValueError as error:
+        raise LatentError(str(error))
 
 
 def vae_identity(vae, fingerprint: Optional[str] = None) -> dict:

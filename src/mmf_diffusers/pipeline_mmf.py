@@ -61,10 +61,24 @@ VAE_CLASSES = (AutoencoderKL, AutoencoderTiny, VQModel)
 
 
 def check_vae(vae) -> None:
-    """Raise a ValueError unless ``vae`` is one of `VAE_CLASSES`."""
+    """Raise a ValueError unless ``vae`` is one of `VAE_CLASSES` with a finite non-zero ``scaling_factor`` and a
+    finite (or missing) ``shift_factor``: latents are ``(E(x) - shift) * scale`` and decode as
+    ``D(x / scale + shift)``, so any other factor makes every latent or every image NaN (or constant)."""
     if not isinstance(vae, VAE_CLASSES):
         names = ", ".join(cls.__name__ for cls in VAE_CLASSES)
         raise ValueError(f"vae must be one of {names} from diffusers, got {type(vae).__name__}")
+
+    def finite(value) -> bool:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+    scale, shift = vae.config.get("scaling_factor"), vae.config.get("shift_factor")
+    if not finite(scale) or scale == 0:
+        raise ValueError(f"The VAE's scaling_factor is {scale!r}: it must be a finite non-zero number (latents are "
+                         "(E(x) - shift_factor) * scaling_factor and decode as D(x / scaling_factor + shift_factor)); "
+                         "set it in the VAE's config.json")
+    if shift is not None and not finite(shift):
+        raise ValueError(f"The VAE's shift_factor is {shift!r}: it must be a finite number (or null) in the VAE's "
+                         "config.json")
 
 
 def vae_latent_channels(vae) -> int:
