@@ -18,6 +18,7 @@
 #      without generating code);
 #    - fd_bf16 is then resumed from its last checkpoint for 2 more steps (--resume_from_checkpoint latest);
 #    - dit_fm_bf16, dit_fd_bf16: --backbone dit, STEPS steps of flow matching and of finite differences (lam = 1);
+#      dit_fd_bf16_gc: dit_fd_bf16 with --gradient_checkpointing (its memory and time; step 1 within 1% of it);
 #      GPU: DiT-S with patch 4 on the 64x64 images (256 tokens, 33M parameters), batch 64; dry run: a 2-layer DiT;
 # 3. checks and prints: step-1 loss, mean |du/dt| and gradient norm of bf16 and fp16 against float32 (within 5%, both
 #    estimators), the median step time
@@ -48,8 +49,8 @@ if [ "$DRY" = "1" ]; then
   DIT_TIMEOUT=1200
   COMPILE=(--torch_compile --torch_compile_backend aot_eager)
 else
-  # Caps: 3 timed runs x 60 s + 4 one-step runs x 25 s + latent 35 s + compile 100 s + resume 25 s + 2 DiT runs x
-  # 40 s + the library precision check 45 s = 565 s, plus data and checks: under 10 minutes at worst (each run is
+  # Caps: 3 timed runs x 60 s + 4 one-step runs x 25 s + latent 35 s + compile 100 s + resume 25 s + 3 DiT runs x
+  # 35 s + the library precision check 45 s = 590 s, plus data and checks: under 10 minutes at worst (each run is
   # mostly start-up).
   DEVICE=cuda; STEPS=30; WARMUP=10; IMAGES=512; RESOLUTION=64
   RUN_TIMEOUT=60; ONE_STEP_TIMEOUT=25; LATENT_TIMEOUT=35; COMPILE_TIMEOUT=100; RESUME_TIMEOUT=25
@@ -60,7 +61,7 @@ else
   COMPILE=(--torch_compile)
   # DiT-S (12 layers, 6 heads x 64) with 4x4 patches: 256 tokens at 64x64, as DiT-S/2 on 32x32 latents.
   DIT_MODEL=(--backbone dit --dit_size S --patch_size 4 --train_batch_size 64)
-  DIT_TIMEOUT=40
+  DIT_TIMEOUT=35
 fi
 rm -rf "$OUT"
 mkdir -p "$OUT"
@@ -103,7 +104,8 @@ RUNS=("fm_bf16 $RUN_TIMEOUT --mixed_precision bf16 --use_ema --max_train_steps $
       "latent_bf16 $LATENT_TIMEOUT --mixed_precision bf16 --max_train_steps 2 --vae_name_or_path $OUT/tiny_vae --center_crop"
       "compile_bf16 $COMPILE_TIMEOUT --mixed_precision bf16 --max_train_steps $STEPS ${COMPILE[*]}"
       "dit_fm_bf16 $DIT_TIMEOUT --mixed_precision bf16 --max_train_steps $STEPS --r_neq_t_fraction 0"
-      "dit_fd_bf16 $DIT_TIMEOUT --mixed_precision bf16 --max_train_steps $STEPS --derivative finite_difference")
+      "dit_fd_bf16 $DIT_TIMEOUT --mixed_precision bf16 --max_train_steps $STEPS --derivative finite_difference"
+      "dit_fd_bf16_gc $DIT_TIMEOUT --mixed_precision bf16 --max_train_steps $STEPS --derivative finite_difference --gradient_checkpointing")
 train() {  # name timeout flags... (runs named dit_* train the DiT, the others the UNet)
   local name=$1 limit=$2; shift 2
   local model=("${MODEL[@]}")
@@ -177,7 +179,7 @@ for name in timed:
     print(f"{name:12} {row['median_step_s']:13.4f} {row['ratio_to_flow_matching']:16.2f} {row['peak_gpu_mem_mib']:12.0f}"
           f"  {row['loss_last']:.4f}")
 
-for name in ("dit_fm_bf16", "dit_fd_bf16"):  # the DiT's cost of MMF against flow matching, same model and batch
+for name in ("dit_fm_bf16", "dit_fd_bf16", "dit_fd_bf16_gc"):  # the DiT's cost of MMF against flow matching, same model and batch
     records = [r for r in log(name)[0] if "step" in r and r["step"] <= steps]
     times = [r["step_time_s"] for r in records[warmup:]]
     peak = max((r.get("peak_gpu_mem_mib", float("nan")) for r in records), default=float("nan"))
@@ -187,6 +189,13 @@ for name in ("dit_fm_bf16", "dit_fd_bf16"):  # the DiT's cost of MMF against flo
     row["ratio_to_flow_matching"] = row["median_step_s"] / summary["timing"]["dit_fm_bf16"]["median_step_s"]
     print(f"{name:12} {row['median_step_s']:13.4f} {row['ratio_to_flow_matching']:16.2f} {row['peak_gpu_mem_mib']:12.0f}"
           f"  {row['loss_last']:.4f}   (DiT; ratio to dit_fm_bf16)")
+plain, checkpointed = log("dit_fd_bf16")[1][1], log("dit_fd_bf16_gc")[1][1]
+gc_rel = {k: (checkpointed[k] - plain[k]) / plain[k] for k in ("loss", "mean_abs_dudt", "grad_norm")}
+summary["checks"]["gradient_checkpointing_step1_relative"] = gc_rel
+print(f"--gradient_checkpointing, step 1 against dit_fd_bf16 (within 1% required): "
+      f"{' '.join(f'{k} {v:+.3%}' for k, v in gc_rel.items())}")
+if any(abs(v) > 0.01 for v in gc_rel.values()):
+    failures.append("dit_fd_bf16_gc: step 1 differs from dit_fd_bf16 by more than 1%")
 
 records, by_step = log("fd_bf16")
 resumed = [r for r in records if r.get("event") == "resume"]

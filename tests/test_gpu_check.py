@@ -47,6 +47,8 @@ def test_gpu_check_dry_run_passes_and_writes_outside_the_repository(tmp_path):
     # the DiT's cost of MMF against flow matching (same model and batch): measured, not bounded, on a CPU
     assert summary["timing"]["dit_fd_bf16"]["ratio_to_flow_matching"] > 0
     assert summary["timing"]["dit_fm_bf16"]["steps"] == summary["timing"]["dit_fd_bf16"]["steps"] == 2
+    assert summary["timing"]["dit_fd_bf16_gc"]["steps"] == 2  # activation checkpointing: the same step 1
+    assert all(abs(v) <= 0.01 for v in summary["checks"]["gradient_checkpointing_step1_relative"].values())
     assert "Mixed precision: bf16" not in result.stdout  # the script's flag, no launcher here
     assert "gpu_check done" in result.stdout
     shutil.rmtree(out)
