@@ -207,7 +207,7 @@ def test_pretrained_stock_dit_brings_its_labels_and_a_trained_mmf_dit_warm_start
     # A class-conditional MMF DiT keeps its labels in the conditioner, which a warm start does not load: refused.
     refused = run_script(tmp_path, [*DIT_RUN, "--output_dir", tmp_path / "third", "--pretrained_dit", out,
                                     "--pretrained_dit_subfolder", "transformer"])
-    assert refused.returncode != 0 and "is a class-conditional MMF DiT" in refused.stderr
+    assert refused.returncode != 0 and "it is a class-conditional MMF DiT" in refused.stderr
     assert "Traceback" not in refused.stderr and not (tmp_path / "third" / "model_index.json").exists()
 
 
@@ -218,6 +218,14 @@ def test_a_pretrained_dit_of_another_size_is_refused_in_one_line(tmp_path):
                                    "--pretrained_dit", tmp_path / "stock" / "transformer", "--max_train_steps", "1",
                                    "--output_dir", tmp_path / "out"])
     assert result.returncode != 0 and "built for 4x4 inputs, the images are 8x8" in result.stderr
+    assert "Traceback" not in result.stderr
+    from mmf_diffusers import build_mmf_unet
+
+    build_mmf_unet(8, 1, block_out_channels=(8, 16)).save_pretrained(str(tmp_path / "unet"))
+    result = run_script(tmp_path, ["--dataset_name", "sklearn-digits", "--resolution", "8", "--backbone", "dit",
+                                   "--pretrained_dit", tmp_path / "unet", "--max_train_steps", "1",
+                                   "--output_dir", tmp_path / "out2"])
+    assert result.returncode != 0 and "it holds a UNet2DModel, not a DiTTransformer2DModel" in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -153,57 +153,45 @@ def load_pretrained(args: argparse.Namespace, sample_size: int, in_channels: int
 
     where = f"--pretrained_dit {args.pretrained_dit!r}" + (
         f" (subfolder {args.pretrained_dit_subfolder!r})" if args.pretrained_dit_subfolder else "")
+    classes = {cls.__name__: cls for cls in (DiTTransformer2DModel, MMFDiTTransformer2DModel)}
     try:
-        config = DiTTransformer2DModel.load_config(args.pretrained_dit, subfolder=args.pretrained_dit_subfolder)
-        name = config.get("_class_name")
-        if name == "MMFDiTTransformer2DModel":
-            model = MMFDiTTransformer2DModel.from_pretrained(args.pretrained_dit,
-                                                             subfolder=args.pretrained_dit_subfolder)
-        elif name == "DiTTransformer2DModel":
-            model = DiTTransformer2DModel.from_pretrained(args.pretrained_dit, subfolder=args.pretrained_dit_subfolder)
-        else:
-            raise error_cls(f"{where} holds a {name}, not a DiTTransformer2DModel or an MMFDiTTransformer2DModel")
+        name = DiTTransformer2DModel.load_config(args.pretrained_dit,
+                                                 subfolder=args.pretrained_dit_subfolder).get("_class_name")
+        if name not in classes:
+            raise ValueError(f"it holds a {name}, not a DiTTransformer2DModel or an MMFDiTTransformer2DModel")
+        model = classes[name].from_pretrained(args.pretrained_dit, subfolder=args.pretrained_dit_subfolder)
     except (OSError, ValueError) as error:
-        if isinstance(error, error_cls):
-            raise
-        raise error_cls(f"Could not load a DiT from {where}: {str(error).splitlines()[0]}")
+        raise error_cls(f"Could not load a DiT from {where}: {str(error).strip().splitlines()[0]}")
+    data = "latents" if args.vae_name_or_path else "images"
     if model.config.in_channels != in_channels:
-        raise error_cls(f"The pretrained DiT takes {model.config.in_channels} channels, the "
-                        f"{'latents have' if args.vae_name_or_path else 'data has'} {in_channels}")
+        raise error_cls(f"The pretrained DiT takes {model.config.in_channels} channels, the {data} have {in_channels}")
     if model.config.sample_size != sample_size:
         raise error_cls(f"The pretrained DiT was built for {model.config.sample_size}x{model.config.sample_size} "
-                        f"inputs, the {'latents are' if args.vae_name_or_path else 'images are'} "
-                        f"{sample_size}x{sample_size}")
+                        f"inputs, the {data} are {sample_size}x{sample_size}")
     try:
-        return _convert_pretrained(model, class_names, where, error_cls, log)
+        return _convert_pretrained(model, class_names, log)
     except ValueError as error:
-        if isinstance(error, error_cls):
-            raise
         raise error_cls(f"Could not use the DiT of {where}: {error}")
 
 
-def _convert_pretrained(model, class_names, where, error_cls, log):
+def _convert_pretrained(model, class_names: Optional[Sequence[str]], log: Callable[[str], None]):
     from mmf_diffusers import (MMFDiTTransformer2DModel, convert_stock_dit, convert_stock_dit_class_conditional,
                                prepare_dit_for_mmf)
 
-    conditioner = None
     if isinstance(model, MMFDiTTransformer2DModel):
         if model.config.class_embed_type != "timestep":
-            raise error_cls(f"{where} is a class-conditional MMF DiT; its labels live in the pipeline's conditioner, "
-                            "which a warm start does not load: resume that run, or start from an unconditional one")
-        transformer = prepare_dit_for_mmf(model)
-    else:
-        stock_classes = model.config.num_embeds_ada_norm
-        if class_names is not None and len(class_names) == stock_classes:
-            transformer, conditioner = convert_stock_dit_class_conditional(model, class_names)
-            log(f"The pretrained DiT's {stock_classes} label embeddings become the conditioner's (in the data's "
-                "class order).")
-        else:
-            transformer = convert_stock_dit(model)
-            if class_names is not None:
-                log(f"Note: the pretrained DiT knows {stock_classes} classes, the data has {len(class_names)}: its "
-                    "labels are dropped (folded in at 'no label') and new ones are learned.")
-    return transformer, conditioner
+            raise ValueError("it is a class-conditional MMF DiT, whose labels live in the pipeline's conditioner, "
+                             "which a warm start does not load: resume that run, or start from an unconditional one")
+        return prepare_dit_for_mmf(model), None
+    stock_classes = model.config.num_embeds_ada_norm
+    if class_names is not None and len(class_names) == stock_classes:
+        log(f"The pretrained DiT's {stock_classes} label embeddings become the conditioner's (in the data's class "
+            "order).")
+        return convert_stock_dit_class_conditional(model, class_names)
+    if class_names is not None:
+        log(f"Note: the pretrained DiT knows {stock_classes} classes, the data has {len(class_names)}: its labels are "
+            "dropped (folded in at 'no label') and new ones are learned.")
+    return convert_stock_dit(model), None
 
 
 def add_class_conditioning(transformer, class_names: Sequence[str], label_init_std: float):

@@ -184,9 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "w / (1 - kappa). w = 1, kappa = 0: no guidance.")
     g.add_argument("--cfg_kappa", type=_finite_float, default=0.0, help="kappa of --cfg_w's formula, in [0, 1).")
     g.add_argument("--label_init_std", type=_finite_float, default=None,
-                   help="Std of the initial label embedding. Default: 0 with --pretrained_unet / --pretrained_dit (the "
-                        "warm start then computes exactly what the unconditional model computed; labels are learned slowly), else 1 "
-                        "(nn.Embedding's init). A value like 0.3 gives a warm start distinct class codes at once.")
+                   help="Std of the initial label embedding. Default: 0 with --pretrained_unet / --pretrained_dit "
+                        "(the warm start then computes exactly what the unconditional model computed; labels are "
+                        "learned slowly), else 1 (nn.Embedding's init). A value like 0.3 gives a warm start distinct class codes at once.")
 
     g = parser.add_argument_group("MMF loss")
     g.add_argument("--derivative", choices=("jvp", "finite_difference"), default="finite_difference",
@@ -381,9 +381,10 @@ def validate_args(args: argparse.Namespace) -> None:
          "--torch_compile does not apply to --derivative jvp: torch.compile falls back to eager inside torch.func.jvp "
          "(a graph break on every UNet frame, torch 2.13; no speed-up measured by benchmarks/engine_flags.py); use "
          "--derivative finite_difference")
-    need(not (args.gradient_checkpointing and args.derivative == "jvp" and (args.lam_end > 0 or (args.lam_start or 0) > 0)),
-         "--gradient_checkpointing does not apply to --derivative jvp with lam > 0: torch's checkpoint cannot recompute a "
-         "forward that carries forward-mode tangents (torch 2.13); use --derivative finite_difference")
+    lam_positive = args.lam_end > 0 or (args.lam_start or 0) > 0
+    need(not (args.gradient_checkpointing and args.derivative == "jvp" and lam_positive),
+         "--gradient_checkpointing does not apply to --derivative jvp with lam > 0: torch's checkpoint cannot recompute "
+         "a forward that carries forward-mode tangents (torch 2.13); use --derivative finite_difference")
     need(0.0 <= args.ema_max_decay <= 1.0, f"--ema_max_decay must be in [0, 1], got {args.ema_max_decay}")
     need(0.0 <= args.label_dropout < 1.0, f"--label_dropout must be in [0, 1), got {args.label_dropout}")
     need(args.cfg_w > 0, f"--cfg_w must be positive, got {args.cfg_w}")
@@ -856,11 +857,9 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
         # The second-time MLP moves into the conditioner unchanged (a warm start keeps its function exactly).
         if args.label_init_std is None:
             args.label_init_std = 0.0 if args.pretrained_unet or args.pretrained_dit else 1.0
-        if conditioner is not None:
-            pass  # the pretrained DiT's own label table
-        elif args.backbone == "dit":
+        if conditioner is None and args.backbone == "dit":  # (else a pretrained DiT brought its label table)
             unet, conditioner = dit_backbone.add_class_conditioning(unet, class_names, args.label_init_std)
-        else:
+        elif conditioner is None:
             unet, conditioner = add_class_conditioning(unet, len(class_names), class_names, args.label_init_std)
         # The pipeline draws the classes of a call without class_labels from the training frequencies.
         used = np.asarray(source.labels)[np.asarray(valid)]
