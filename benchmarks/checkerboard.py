@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -62,27 +62,30 @@ class Evaluator:
         return self.distance(sample_euler(model, self.noise, num_steps=steps))
 
 
-def train(schedule: str, tangent: str, lr: float, seed: int, steps: int, batch: int,
+def train(schedule, tangent: str, lr: float, seed: int, steps: int, batch: int,
           r_neq_t_fraction: float = 0.25, hidden: int = 128, derivative: str = "jvp",
-          pair_rows: bool = False) -> Dict:
+          pair_rows: bool = False, depth: int = 4, adaptive_p: float = 0.0, adaptive_reduction: str = "mean",
+          on_step: Optional[Callable[[int, torch.nn.Module], None]] = None) -> Dict:
     """Train a TwoTimeMLP with Adam; returns ``{"model", "losses", "finite", "seconds_per_step"}``.
 
-    ``r_neq_t_fraction = 0`` is plain flow matching (every row has ``r = t``; lam and tangent then do nothing).
-    Training stops at the first non-finite loss (``finite = False``)."""
+    ``schedule`` is a name of `SCHEDULES` or a `LambdaSchedule`. ``r_neq_t_fraction = 0`` is plain flow matching
+    (every row has ``r = t``; lam and tangent then do nothing). ``on_step(step, model)`` runs after each optimiser
+    step (e.g. to score the model on the way). Training stops at the first non-finite loss (``finite = False``)."""
     import time
 
     torch.manual_seed(seed)
-    model = TwoTimeMLP(dim=2, hidden=hidden, depth=4)
+    model = TwoTimeMLP(dim=2, hidden=hidden, depth=depth)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     loss_fn = ModularMeanFlowLoss(TimeSampler("logit_normal", -0.4, 1.0, r_neq_t_fraction=r_neq_t_fraction,
                                               pair_rows=pair_rows),
-                                  derivative=derivative, tangent=tangent, pair_rows=pair_rows)
-    lam_schedule = make_schedule(schedule, steps)
+                                  derivative=derivative, tangent=tangent, pair_rows=pair_rows,
+                                  adaptive_p=adaptive_p, adaptive_c=1e-3, adaptive_reduction=adaptive_reduction)
+    lam_schedule = schedule if isinstance(schedule, LambdaSchedule) else make_schedule(schedule, steps)
     g = torch.Generator().manual_seed(10_000 + seed)
     losses: List[float] = []
     finite = True
     start = time.perf_counter()
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         out = loss_fn(model, sample_checkerboard(batch, generator=g), lam_schedule(), generator=g)
         value = out.loss.item()
         losses.append(value)
@@ -93,6 +96,8 @@ def train(schedule: str, tangent: str, lr: float, seed: int, steps: int, batch: 
         out.loss.backward()
         optimizer.step()
         lam_schedule.step()
+        if on_step is not None:
+            on_step(step, model)
     return {"model": model, "losses": losses, "finite": finite,
             "seconds_per_step": (time.perf_counter() - start) / max(1, len(losses))}
 

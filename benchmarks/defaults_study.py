@@ -202,39 +202,26 @@ def machine() -> Dict:
 def run_checkerboard(config: Dict, seed: int, budget: Dict) -> Dict:
     import torch
 
-    from checkerboard import Evaluator  # benchmarks/ is on sys.path when this file runs as a script
-    from mmf_diffusers import LambdaSchedule, ModularMeanFlowLoss, TimeSampler
-    from mmf_diffusers.toy import TwoTimeMLP, sample_checkerboard
+    from checkerboard import Evaluator, train  # benchmarks/ is on sys.path when this file runs as a script
+    from mmf_diffusers import LambdaSchedule
 
     torch.set_num_threads(1)
     steps = budget["steps"]
     ev = Evaluator(budget["eval_n"])
-    torch.manual_seed(seed)
-    model = TwoTimeMLP(dim=2, hidden=budget["hidden"], depth=budget["depth"])
-    optimizer = torch.optim.Adam(model.parameters(), lr=budget["lr"])
-    paired = config["paired"]
-    loss_fn = ModularMeanFlowLoss(TimeSampler("logit_normal", -0.4, 1.0, r_neq_t_fraction=0.25, pair_rows=paired),
-                                  derivative="finite_difference", tangent="model", pair_rows=paired,
-                                  adaptive_p=config["adaptive_p"], adaptive_c=1e-3,
-                                  adaptive_reduction=config["adaptive_reduction"])
     lam = config["lam"]
     schedule = (LambdaSchedule.constant(0.0 if lam == "lam0" else 1.0) if lam in ("lam0", "lam1") else
                 LambdaSchedule(lam, lam_start=0.0, lam_end=1.0, warmup_steps=max(1, steps // 3)))
-    g = torch.Generator().manual_seed(10_000 + seed)
-    curve, losses, finite = [], [], True
-    for step in range(1, steps + 1):
-        out = loss_fn(model, sample_checkerboard(budget["batch"], generator=g), schedule(), generator=g)
-        value = out.loss.item()
-        losses.append(value)
-        if not math.isfinite(value):
-            finite = False
-            break
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        optimizer.step()
-        schedule.step()
+    curve = []
+
+    def score_on_the_way(step: int, model) -> None:
         if step % budget["curve_every"] == 0 or step == steps:
             curve.append([step, ev.mmf(model, 1)])
+
+    run = train(schedule, "model", budget["lr"], seed, steps, budget["batch"], r_neq_t_fraction=0.25,
+                hidden=budget["hidden"], depth=budget["depth"], derivative="finite_difference",
+                pair_rows=config["paired"], adaptive_p=config["adaptive_p"],
+                adaptive_reduction=config["adaptive_reduction"], on_step=score_on_the_way)
+    model, losses, finite = run["model"], run["losses"], run["finite"]
     metrics = {"finite": finite, "sw_1step_curve": curve, "noise_floor": ev.floor, "gaussian": ev.gaussian,
                "loss_mean_last_tenth": statistics.fmean(losses[-max(1, len(losses) // 10):]) if finite else None}
     if finite:
