@@ -402,7 +402,32 @@ def table(rows: List[Dict]) -> str:
             lines.append(f"| {name} | {f['lam']} | {f['adaptive_p']:g} | {f['adaptive_reduction']} | "
                          f"{'yes' if f['paired'] else 'no'} | {' / '.join(f'{x:.3f}' for x in a)} | {mean} | "
                          f"{' / '.join(f'{x:.3f}' for x in b)} | {' / '.join(str(round(r['wall_s'])) for r in sel)} |")
-    return "\n".join(lines)
+    return "\n".join(lines + worst_case(rows))
+
+
+def worst_case(rows: List[Dict]) -> List[str]:
+    """The defaults rule: each configuration's one-step score (mean over its seeds) divided by the best
+    configuration's on the same dataset, and the largest of these ratios over the datasets it was measured on (its
+    worst case; 1.00 = the best everywhere). Lower is better; only configurations measured on two or more datasets."""
+    means: Dict[str, Dict[str, float]] = {}
+    for dataset in DATASETS:
+        one = HEADLINE[dataset][0]
+        for name in CONFIGS:
+            values = [r["metrics"][one] for r in rows if r["dataset"] == dataset and r["config"] == name]
+            values = [x for x in values if x is not None and math.isfinite(x)]
+            if values:
+                means.setdefault(dataset, {})[name] = statistics.fmean(values)
+    ratios = {name: {d: m[name] / min(m.values()) for d, m in means.items() if name in m} for name in CONFIGS}
+    ratios = {name: r for name, r in ratios.items() if len(r) >= 2}
+    if not ratios:
+        return []
+    datasets = [d for d in DATASETS if d in means]
+    lines = ["\nworst case: one-step score / the best configuration's on that dataset (seed means), lower is better",
+             f"| configuration | {' | '.join(datasets)} | worst |", "| --- |" + " --- |" * (len(datasets) + 1)]
+    for name, r in sorted(ratios.items(), key=lambda item: max(item[1].values())):
+        cells = [f"{r[d]:.2f}" if d in r else "-" for d in datasets]
+        lines.append(f"| {name} | {' | '.join(cells)} | {max(r.values()):.2f} |")
+    return lines
 
 
 def main(argv=None) -> int:

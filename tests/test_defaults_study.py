@@ -65,3 +65,20 @@ def test_flags_mean_the_factors(name):
     assert args.lam_end == (0.0 if lam == "lam0" else 1.0)
     assert args.adaptive_p == factors["adaptive_p"] and args.adaptive_reduction == factors["adaptive_reduction"]
     assert args.pair_rows is factors["paired"] and args.tangent == "model" and args.derivative == "finite_difference"
+
+
+def test_worst_case_is_the_largest_ratio_to_the_best_configuration_of_each_dataset():
+    def row(dataset, config, seed, score):
+        key = "sw_1step" if dataset == "checkerboard" else "fd_1step"
+        return {"dataset": dataset, "config": config, "seed": seed, "metrics": {key: score}}
+
+    rows = [row("checkerboard", "current", 0, 0.2), row("checkerboard", "current", 1, 0.4),  # mean 0.3
+            row("checkerboard", "previous", 0, 0.1), row("digits", "current", 0, 10.0),
+            row("digits", "previous", 0, 20.0), row("digits", "current, p=0", 0, 12.0),
+            row("digits", "current, lam1", 0, float("nan"))]
+    lines = defaults_study.worst_case(rows)
+    table = {line.split(" | ")[0].strip("| "): line for line in lines if line.startswith("| ") and "---" not in line}
+    assert table["current"] == "| current | 3.00 | 1.00 | 3.00 |"
+    assert table["previous"] == "| previous | 1.00 | 2.00 | 2.00 |"
+    assert "current, p=0" not in table and "current, lam1" not in table  # one dataset only / no finite score
+    assert [name for name in table if name != "configuration"] == ["previous", "current"]  # best worst case first
