@@ -1,7 +1,7 @@
 """A small DiT against the UNet of a similar parameter count on class-conditional MNIST, at equal CPU time.
 
-Both backbones train through ``training/train_mmf.py`` with the script's default MMF loss (finite-difference du/dt,
-lam 0, adaptive weight, paired rows), the same data, batch, EMA and seed; only the backbone and its size flags differ
+Both backbones train through ``training/train_mmf.py`` with the MMF loss that was the script's default when the
+rows were measured (finite-difference du/dt, lam 0, adaptive weight p = 1, paired rows; p is spelled out), the same data, batch, EMA and seed; only the backbone and its size flags differ
 (``MODELS``). Equal compute means equal *training CPU time*: each model first trains a short probe run whose median
 CPU seconds per step set its step count (``--cpu_seconds`` / seconds per step), so the faster model takes more steps.
 Each trained EMA pipeline is scored by ``mmf-evaluate`` like the shipped MNIST pipelines: FD-MNISTCNN of 1000 samples
@@ -45,7 +45,7 @@ MODELS: Dict[str, List[str]] = {
 COMMON = ["--dataset_name", "mnist-offline", "--resolution", "28", "--class_conditional", "--label_dropout", "0.1",
           "--train_batch_size", "32", "--learning_rate", "1e-3", "--lr_scheduler", "constant_with_warmup",
           "--lr_warmup_steps", "50", "--use_ema", "--ema_max_decay", "0.999", "--num_sample_images", "10",
-          "--logger", "none"]
+          "--logger", "none", "--adaptive_p", "1"]
 PROBE_STEPS = 40
 
 

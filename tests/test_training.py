@@ -128,7 +128,7 @@ def test_accelerate_launch_end_to_end(tmp_path):
     # logs: one record per step, tensorboard events
     log = read_log(out)
     assert sorted(log) == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in log.values())
-    # the default loss (README "Defaults on MNIST"): lam = 0 throughout, MeanFlow's adaptive weight p = 1
+    # the default loss (docs/defaults.md): lam = 0 throughout, the adaptive weight with p = 0.5
     assert all(r["lam"] == 0.0 for r in log.values())
     assert all(r["mean_weight"] != 1.0 for r in log.values())
     assert list((out / "logs" / "train_mmf").rglob("events.out.tfevents.*"))
@@ -244,7 +244,7 @@ def test_resume_refuses_fixed_flags_and_honours_a_new_learning_rate(tmp_path):
     resume = ["--resume_from_checkpoint", "latest", "--max_train_steps", "4"]
     result = run_script(tmp_path, base + resume + ["--tangent", "conditional", "--pair_rows", "0", "--adaptive_p", "0"])
     check(result, 2)
-    assert "--tangent model -> conditional" in result.stderr and "--adaptive_p 1.0 -> 0.0" in result.stderr
+    assert "--tangent model -> conditional" in result.stderr and "--adaptive_p 0.5 -> 0.0" in result.stderr
     assert "--pair_rows True -> False" in result.stderr
 
     result = run_script(tmp_path, base + resume + ["--learning_rate", "5e-4"])
