@@ -6,8 +6,8 @@ configuration. Each configuration owns a copy of the same initial model and its 
 step (loss, backward, Adam):
 
 * ``flow_matching``: the same loss with every row r = t (no derivative);
-* ``default``: the training script's default loss (finite differences, model tangent read off the paired r = t
-  rows, adaptive weight p = 1, lam = 0);
+* ``default``: the training script's default loss when this was measured (finite differences, model tangent read
+  off the paired r = t rows, adaptive weight p = 1, lam = 0; the default p is now 0.5, which costs the same);
 * ``mmf_<estimator>_lam<lam>``: the loss with the conditional tangent, ``estimator`` in {finite_difference, jvp},
   lam in {0, 1} (jvp with lam = 1 takes gradients through the tangent);
 * ``forward``: one forward without gradient (the attention kernel's share at inference).

@@ -38,8 +38,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
-# The previous defaults of train_mmf.py, spelled out (the script's own defaults are now the "lam 0 + adaptive p=1"
-# row's choice), so that the table means the same whatever the script's defaults are. Each row adds its flags after
+# The defaults of train_mmf.py before this table, spelled out (the "lam 0 + adaptive p=1" row became the next ones;
+# docs/defaults.md's study later lowered p to 0.5), so that the table means the same whatever the script's defaults
+# are. Each row adds its flags after
 # these; argparse keeps the last value of a repeated flag.
 BASE = ["--lam_schedule", "linear", "--lam_end", "1", "--adaptive_p", "0", "--derivative", "finite_difference",
         "--tangent", "model", "--r_neq_t_fraction", "0.25", "--label_dropout", "0.1"]
@@ -51,7 +52,7 @@ CONFIGS = {
     "lam 1": (["--lam_schedule", "constant", "--lam_end", "1"], "full gradient from the first step (no warm-up)"),
     "adaptive p=1": (["--adaptive_p", "1"], "MeanFlow's adaptive loss weight 1 / sg(err + c)"),
     "lam 0 + adaptive p=1": (["--lam_schedule", "constant", "--lam_end", "0", "--adaptive_p", "1"],
-                             "the two changes together: the training script's defaults since this table"),
+                             "the two changes together (the training script's defaults after this table)"),
     "r!=t 0.5": (["--r_neq_t_fraction", "0.5"], "half the rows with r != t (each step sees half as many images)"),
     "label dropout 0.2": (["--label_dropout", "0.2"], "twice the rows train the no-label branch"),
     "jvp": (["--derivative", "jvp"], "exact du/dt (forward-mode AD) instead of the finite difference"),
