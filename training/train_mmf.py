@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adaptive_p", type=_finite_float, default=0.5,
                    help="Adaptive weight power: w = 1 / sg(err + c)^p (0: plain MSE, 1: MeanFlow's). Default 0.5: the "
                    "best worst case of the defaults study across the 2-D checkerboard, 8x8 digits and MNIST "
-                   "(docs/defaults.md); p = 1 was 1.6x worse at one step on the checkerboard and 1.1x on MNIST, p = 0 "
+                   "(docs/defaults.md); p = 1 was 1.7x worse at one step on the checkerboard and 1.1x on MNIST, p = 0 "
                    "1.1x on digits.")
     g.add_argument("--adaptive_c", type=_finite_float, default=1e-3, help="The constant c of the adaptive weight.")
     g.add_argument("--adaptive_reduction", choices=("mean", "sum"), default="mean",
