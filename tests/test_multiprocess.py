@@ -191,7 +191,11 @@ def test_two_processes_share_the_latent_encoding(tmp_path):
                                                  log=lambda m: None)
     assert [p.name for p in alone.iterdir()] == [cache_file.name]
     shared = load_file(str(cache_file))
-    assert (shared["latents"] == latents).all() and (shared["latents_flipped"] == flipped).all()
+    # up to float32 rounding: each process encodes its own share in batches of another size than one process does
+    import numpy as np
+
+    assert np.allclose(shared["latents"], latents, rtol=1e-5, atol=1e-5)
+    assert np.allclose(shared["latents_flipped"], flipped, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow
