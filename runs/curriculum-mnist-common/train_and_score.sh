@@ -2,8 +2,8 @@
 # The curriculum verdict on MNIST at a longer budget: lam rising linearly 0 -> 1 over the first 2000 steps, then 1
 # ("warmup"), against lam = 0 throughout ("lam0"); everything else equal and fixed: class-conditional MNIST, UNet
 # (16, 32, 32), batch 32, lr 1e-3 constant after 50 warm-up steps, EMA 0.999, finite-difference du/dt, model tangent,
-# paired rows, 25% rows r != t, plain MSE (adaptive p = 0: the setting in which the curriculum lost at 1500-4000
-# steps, benchmarks/mnist_defaults.py). The run trains in chunks of CHUNK steps (resuming its own checkpoint) and
+# paired rows, 25% rows r != t, adaptive weight p = 0.5 on the per-element mean (the training script's defaults, so
+# the verdict answers "should a user add the curriculum to the defaults?"). The run trains in chunks of CHUNK steps (resuming its own checkpoint) and
 # after each chunk scores the EMA pipeline with mmf-evaluate (FD-MNISTCNN of 1000 samples, digits in turn, 1 and 2
 # steps, against the 10k MNIST test images) and appends the scores to runs/curriculum-mnist-ARM-seedS/curve.jsonl.
 #
@@ -34,7 +34,7 @@ while [ "$STEP" -lt "$UNTIL" ]; do
       --label_dropout 0.1 --block_out_channels 16 32 32 --train_batch_size 32 --learning_rate 1e-3 \
       --lr_scheduler constant_with_warmup --lr_warmup_steps 50 --use_ema --ema_max_decay 0.999 \
       --derivative finite_difference --tangent model --pair_rows 1 --r_neq_t_fraction 0.25 \
-      --adaptive_p 0 --adaptive_reduction mean "${LAM[@]}" \
+      --adaptive_p 0.5 --adaptive_reduction mean "${LAM[@]}" \
       --checkpointing_steps "$CHUNK" --checkpoints_total_limit 1 --save_images_steps "$CHUNK" \
       --num_sample_images 10 --logger none --seed "$SEED" --max_train_steps "$NEXT" \
       --resume_from_checkpoint latest --output_dir "$OUT" >> "$OUT/train.log" 2>&1
