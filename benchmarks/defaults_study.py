@@ -55,6 +55,7 @@ import json
 import math
 import os
 import platform
+import re
 import resource
 import shutil
 import statistics
@@ -430,6 +431,78 @@ def worst_case(rows: List[Dict]) -> List[str]:
     return lines
 
 
+#: The curriculum verdict's runs (runs/curriculum-mnist-common/README.md): arm x seed, each with a curve.jsonl.
+CURRICULUM_RUNS = os.path.join(ROOT, "runs", "curriculum-mnist-{arm}-seed{seed}", "curve.jsonl")
+#: A curve counts as flat when its one-step figure fell by less than this fraction over its last two chunks.
+FLAT_FRACTION = 0.05
+
+
+def load_curves(pattern: str = CURRICULUM_RUNS) -> Dict[tuple, List[Dict]]:
+    """The scored points of each curriculum run, ``{(arm, seed): [point, ...]}`` ordered by step (a step scored twice,
+    after a resumed chunk, keeps its last score)."""
+    curves = {}
+    for arm in ("warmup", "lam0"):
+        for seed in (0, 1):
+            path = pattern.format(arm=arm, seed=seed)
+            if os.path.exists(path):
+                with open(path) as f:
+                    points = {p["step"]: p for p in map(json.loads, filter(str.strip, f))}
+                if points:
+                    curves[(arm, seed)] = [points[k] for k in sorted(points)]
+    return curves
+
+
+def curve_trend(points: List[Dict]) -> str:
+    """Whether a curve's one-step figure has flattened: its relative fall over the last two chunks (a rise counts as
+    flat), or 'too short' with fewer than three points."""
+    if len(points) < 3:
+        return "too short"
+    before, last = points[-3]["fd_1step"], points[-1]["fd_1step"]
+    fall = (before - last) / before
+    verdict = "flat" if fall < FLAT_FRACTION else "still falling"
+    return f"{verdict} ({-100 * fall:+.0f}% from step {points[-3]['step']} to {points[-1]['step']})"
+
+
+def curriculum_table(curves: Dict[tuple, List[Dict]]) -> str:
+    """The curriculum runs side by side: FD-MNISTCNN at 1 / 2 steps per scored step, then each run's trend."""
+    if not curves:
+        return "no curriculum curve points yet"
+    runs = sorted(curves, key=lambda k: (k[1], k[0] != "warmup"))
+    names = [f"{arm}, seed {seed}" for arm, seed in runs]
+    steps = sorted({p["step"] for pts in curves.values() for p in pts})
+    by_step = {k: {p["step"]: p for p in curves[k]} for k in runs}
+    lines = ["curriculum on MNIST: FD-MNISTCNN at 1 / 2 steps (1000 samples) by training step; warmup = lam 0 -> 1 "
+             "over the first 2000 steps, lam0 = lam 0 throughout; both p = 0.5",
+             f"| step | {' | '.join(names)} |", "| --- |" + " --- |" * len(runs)]
+    for step in steps:
+        cells = []
+        for k in runs:
+            p = by_step[k].get(step)
+            cells.append(f"{p['fd_1step']:.1f} / {p['fd_2step']:.1f}" if p else "-")
+        lines.append(f"| {step} | {' | '.join(cells)} |")
+    lines.append("| trend of 1 step | " + " | ".join(curve_trend(curves[k]) for k in runs) + " |")
+    return "\n".join(lines)
+
+
+def fill_docs(path: str, blocks: Dict[str, str]) -> None:
+    """Replace each ``<!-- NAME: ... -->`` ... ``<!-- /NAME -->`` block of a markdown file with a table (its lines
+    that are not table rows become bold headings). A block missing from the file is an error, not skipped."""
+    with open(path) as f:
+        text = f.read()
+    for name, body in blocks.items():
+        md = []
+        for line in filter(str.strip, body.strip().splitlines()):
+            md += [line] if line.startswith("|") else ["", f"**{line.strip()}**", ""]
+        pattern = re.compile(rf"(<!-- {re.escape(name)}:[^\n]*-->\n).*?(<!-- /{re.escape(name)} -->)", re.S)
+        if not pattern.search(text):
+            raise SystemExit(f"{path} has no '<!-- {name}: ... -->' ... '<!-- /{name} -->' block")
+        text = pattern.sub(lambda m: m.group(1) + "\n".join(md).strip() + "\n" + m.group(2), text)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=["checkerboard"])
@@ -442,6 +515,11 @@ def main(argv=None) -> int:
     parser.add_argument("--budget", action="append", default=[], metavar="DATASET.KEY=VALUE",
                         help="override a budget entry, e.g. checkerboard.steps=20 (tests); such rows get their own key")
     parser.add_argument("--table", action="store_true", help="print the table of the rows in --json, train nothing")
+    parser.add_argument("--curriculum", action="store_true",
+                        help="print the curriculum runs' curves (runs/curriculum-mnist-*/curve.jsonl), train nothing")
+    parser.add_argument("--fill-docs", metavar="MARKDOWN", default=None,
+                        help="train nothing: write the study table and the curriculum table into the file's "
+                        "'study-table' and 'curriculum-table' blocks (docs/defaults.md)")
     parser.add_argument("--plan", action="store_true", help="list the rows and which are done, train nothing")
     parser.add_argument("--adaptive-check", nargs=2, metavar=("PIPELINE", "REFERENCE"), default=None,
                         help="train nothing: how far the 'mean' and 'sum' adaptive weights differ on a trained "
@@ -464,6 +542,13 @@ def main(argv=None) -> int:
         return 0
     if args.table:
         print(table(load_rows(args.json)))
+        return 0
+    if args.curriculum:
+        print(curriculum_table(load_curves()))
+        return 0
+    if args.fill_docs:
+        fill_docs(args.fill_docs, {"study-table": table(load_rows(args.json)),
+                                   "curriculum-table": curriculum_table(load_curves())})
         return 0
     rows = plan(args.datasets, args.configs, args.seeds)
     if args.plan:

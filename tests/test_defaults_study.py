@@ -82,3 +82,43 @@ def test_worst_case_is_the_largest_ratio_to_the_best_configuration_of_each_datas
     assert table["previous"] == "| previous | 1.00 | 2.00 | 2.00 |"
     assert "current, p=0" not in table and "current, lam1" not in table  # one dataset only / no finite score
     assert [name for name in table if name != "configuration"] == ["previous", "current"]  # best worst case first
+
+
+def _write_curve(path, points):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"step": s, "fd_1step": a, "fd_2step": b}) + "\n" for s, a, b in points))
+
+
+def test_curriculum_curves_are_read_ordered_and_judged_flat_or_falling(tmp_path):
+    pattern = str(tmp_path / "curriculum-mnist-{arm}-seed{seed}" / "curve.jsonl")
+    # a resumed chunk scored step 4000 twice: the later score counts; lines come in any order
+    _write_curve(tmp_path / "curriculum-mnist-lam0-seed0" / "curve.jsonl",
+                 [(2000, 80.0, 40.0), (6000, 40.0, 15.0), (4000, 99.0, 50.0), (4000, 41.0, 16.0)])
+    _write_curve(tmp_path / "curriculum-mnist-warmup-seed0" / "curve.jsonl",
+                 [(2000, 120.0, 60.0), (4000, 90.0, 45.0), (6000, 70.0, 35.0)])
+    curves = defaults_study.load_curves(pattern)
+    assert sorted(curves) == [("lam0", 0), ("warmup", 0)]
+    assert [p["step"] for p in curves[("lam0", 0)]] == [2000, 4000, 6000]
+    assert curves[("lam0", 0)][1]["fd_1step"] == 41.0
+    # lam0 fell 50% over its last two chunks: still falling; a curve that fell 2% is flat; a rise is flat too
+    assert defaults_study.curve_trend(curves[("lam0", 0)]).startswith("still falling (-50%")
+    assert defaults_study.curve_trend([{"step": s, "fd_1step": v} for s, v in [(1, 50), (2, 49.5), (3, 49)]]) \
+        .startswith("flat (-2%")
+    assert defaults_study.curve_trend([{"step": s, "fd_1step": v} for s, v in [(1, 50), (2, 52), (3, 55)]]) \
+        .startswith("flat (+10%")
+    assert defaults_study.curve_trend(curves[("lam0", 0)][:2]) == "too short"
+    table = defaults_study.curriculum_table(curves)
+    assert "| step | warmup, seed 0 | lam0, seed 0 |" in table
+    assert "| 4000 | 90.0 / 45.0 | 41.0 / 16.0 |" in table
+
+
+def test_fill_docs_replaces_only_its_blocks_and_refuses_a_missing_one(tmp_path):
+    doc = tmp_path / "doc.md"
+    doc.write_text("intro\n<!-- t: cmd -->\nold\n<!-- /t -->\nmiddle\n<!-- u: cmd -->\n<!-- /u -->\nend\n")
+    defaults_study.fill_docs(str(doc), {"t": "caption\n| a |\n| --- |", "u": "| b |"})
+    assert doc.read_text() == ("intro\n<!-- t: cmd -->\n**caption**\n\n| a |\n| --- |\n<!-- /t -->\nmiddle\n"
+                               "<!-- u: cmd -->\n| b |\n<!-- /u -->\nend\n")
+    before = doc.read_text()
+    with pytest.raises(SystemExit, match="no '<!-- v: ... -->'"):
+        defaults_study.fill_docs(str(doc), {"v": "| c |"})
+    assert doc.read_text() == before
