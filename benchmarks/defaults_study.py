@@ -248,8 +248,8 @@ def image_train_command(dataset: str, config: Dict, seed: int, budget: Dict, out
         data = ["--dataset_name", "mnist-offline", "--resolution", "28", "--class_conditional",
                 "--label_dropout", "0.1"]
     elif dataset == "latent-mnist":
-        data = ["--dataset_name", "mnist-offline", "--resolution", "32", "--class_conditional", "--label_dropout",
-                "0.1", "--vae_name_or_path", os.path.join(ROOT, "pipelines", "mmf-mnist-latent"),
+        data = ["--dataset_name", "mnist-offline", "--resolution", "32", "--center_crop", "--class_conditional",
+                "--label_dropout", "0.1", "--vae_name_or_path", os.path.join(ROOT, "pipelines", "mmf-mnist-latent"),
                 "--vae_subfolder", "vae", "--latent_cache_dir", os.path.join(workdir, "latent-cache")]
     else:
         raise ValueError(f"not an image dataset: {dataset!r}")

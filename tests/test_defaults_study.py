@@ -122,3 +122,18 @@ def test_fill_docs_replaces_only_its_blocks_and_refuses_a_missing_one(tmp_path):
     with pytest.raises(SystemExit, match="no '<!-- v: ... -->'"):
         defaults_study.fill_docs(str(doc), {"v": "| c |"})
     assert doc.read_text() == before
+
+
+@pytest.mark.parametrize("dataset", ["digits", "mnist", "latent-mnist"])
+def test_image_rows_are_commands_the_training_script_accepts(dataset, tmp_path):
+    """Every image row's command passes the training script's own parsing and validation (a row that the script
+    refuses would only fail after the study had queued it)."""
+    import train_mmf
+
+    for name, config in defaults_study.CONFIGS.items():
+        cmd = defaults_study.image_train_command(dataset, config, 0, defaults_study.BUDGETS[dataset],
+                                                 str(tmp_path / "out"), str(tmp_path / "work"))
+        assert cmd[1].endswith("train_mmf.py")
+        argv = ["sklearn-digits" if a == "mnist-offline" else a for a in cmd[2:]]  # no MNIST file needed to parse
+        args = train_mmf.parse_args(argv)
+        assert args.seed == 0 and args.max_train_steps == defaults_study.BUDGETS[dataset]["steps"], name
