@@ -716,6 +716,81 @@ def main(argv=None) -> int:
         return 1
 
 
+def _build_backbone(args, modality, latent, unet_size: int, unet_channels: int, class_names, class_counts, log):
+    """The network to train, ``(unet, conditioner)``: a trajectory UNet, a DiT (new or pretrained), a pretrained UNet
+    (given a second time embedding) or a new MMF UNet, for samples of ``unet_channels`` x ``unet_size`` squared; with
+    --class_conditional wrapped with a label conditioner whose class prior is ``class_counts``'s frequencies. The
+    name ``unet`` covers the DiT too. Raises ConfigError on a pretrained model that does not fit the data."""
+    from diffusers import UNet2DModel
+
+    from mmf_diffusers import add_class_conditioning, add_second_time_embedding, build_mmf_unet
+
+    conditioner = None  # set here only by a pretrained DiT that brings its own label table
+    if modality is not None:
+        unet = modality.build_unet()
+    elif args.backbone == "dit" and args.pretrained_dit:  # the DiT takes the UNet's place; `unet` names it below
+        unet, conditioner = dit_backbone.load_pretrained(args, unet_size, unet_channels, class_names, ConfigError,
+                                                         log)
+    elif args.backbone == "dit":
+        unet = dit_backbone.build(args, unet_size, unet_channels, ConfigError)
+    elif args.pretrained_unet:
+        try:
+            unet = UNet2DModel.from_pretrained(args.pretrained_unet, subfolder=args.pretrained_unet_subfolder)
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"Could not load a UNet2DModel from --pretrained_unet {args.pretrained_unet!r}: {error}")
+        unet = add_second_time_embedding(unet)
+        levels = len(unet.config.block_out_channels)
+        if latent is not None:
+            try:
+                latent.check_unet(levels, unet.config.in_channels)
+            except ValueError as error:
+                raise ConfigError(str(error))
+        elif args.resolution % 2 ** (levels - 1):
+            raise ConfigError(f"--resolution {args.resolution} cannot go through the pretrained UNet with {levels} "
+                              f"levels: it must be divisible by {2 ** (levels - 1)}.")
+        if unet.config.in_channels != unet_channels:
+            raise ConfigError(f"The pretrained UNet takes {unet.config.in_channels} channels, the data has "
+                              f"{unet_channels} (set --num_channels to match).")
+        if unet.config.sample_size != unet_size:
+            log(f"Note: the pretrained UNet's sample_size {unet.config.sample_size} becomes {unet_size}.")
+            unet.register_to_config(sample_size=unet_size)
+    else:
+        unet = build_mmf_unet(sample_size=unet_size, in_channels=unet_channels,
+                              block_out_channels=args.block_out_channels, layers_per_block=args.layers_per_block,
+                              attention_levels=args.attention_levels, norm_num_groups=args.norm_num_groups,
+                              attention_head_dim=args.attention_head_dim)
+    if args.class_conditional:
+        # The second-time MLP moves into the conditioner unchanged (a warm start keeps its function exactly).
+        if args.label_init_std is None:
+            args.label_init_std = 0.0 if args.pretrained_unet or args.pretrained_dit else 1.0
+        if conditioner is None and args.backbone == "dit":  # (else a pretrained DiT brought its label table)
+            unet, conditioner = dit_backbone.add_class_conditioning(unet, class_names, args.label_init_std)
+        elif conditioner is None:
+            unet, conditioner = add_class_conditioning(unet, len(class_names), class_names, args.label_init_std)
+        # The pipeline draws the classes of a call without class_labels from the training frequencies.
+        conditioner.register_to_config(class_prior=[round(float(c) / class_counts.sum(), 6) for c in class_counts])
+        if args.cfg_w != 1.0 or args.cfg_kappa != 0.0:
+            conditioner.register_to_config(guidance_w=args.cfg_w, guidance_kappa=args.cfg_kappa)
+        conditioner.train()
+    return unet, conditioner
+
+
+def _resume_problems(meta: dict, args, global_batch: int, num_samples: int, config: dict) -> list:
+    """What differs between a checkpoint's metadata and this run (``config``: its public configuration), one phrase
+    each; empty when the run can resume."""
+    problems = []
+    if meta["global_batch_size"] != global_batch:
+        problems.append(f"global batch {meta['global_batch_size']} -> {global_batch}")
+    if meta["num_samples"] != num_samples:
+        problems.append(f"usable images {meta['num_samples']} -> {num_samples}")
+    if meta["use_ema"] != bool(args.use_ema):
+        problems.append(f"--use_ema {meta['use_ema']} -> {bool(args.use_ema)}")
+    if bool(meta["config"].get("class_conditional")) != bool(args.class_conditional):
+        problems.append(f"--class_conditional {bool(meta['config'].get('class_conditional'))} -> "
+                        f"{bool(args.class_conditional)}")
+    return problems + run_state.resume_conflicts(meta["config"], config)
+
+
 def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-bottom recipe
     start_time = time.time()
     ckpt = _import_checkpointing()
@@ -808,68 +883,22 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
         args.save_images_steps = args.checkpointing_steps
 
     # 4. model
-    from diffusers import UNet2DModel
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
     import mmf_diffusers
     from mmf_diffusers import (LambdaSchedule, MMFPipeline, MMFScheduler, ModularMeanFlowLoss, TimeSampler,
-                               add_class_conditioning, add_second_time_embedding, build_mmf_unet, unet_model_fn)
+                               unet_model_fn)
     from mmf_diffusers.pipeline_mmf import DEFAULT_TIME_SCALE
     from mmf_diffusers.generate import cycled_labels
 
     if args.time_scale is None:
         args.time_scale = DEFAULT_TIME_SCALE
-    conditioner = None  # set here only by a pretrained DiT that brings its own label table
-    if modality is not None:
-        unet = modality.build_unet()
-    elif args.backbone == "dit" and args.pretrained_dit:  # the DiT takes the UNet's place; `unet` names it below
-        unet, conditioner = dit_backbone.load_pretrained(args, unet_size, unet_channels,
-                                                         class_names if args.class_conditional else None,
-                                                         ConfigError, log)
-    elif args.backbone == "dit":
-        unet = dit_backbone.build(args, unet_size, unet_channels, ConfigError)
-    elif args.pretrained_unet:
-        try:
-            unet = UNet2DModel.from_pretrained(args.pretrained_unet, subfolder=args.pretrained_unet_subfolder)
-        except (OSError, ValueError) as error:
-            raise ConfigError(f"Could not load a UNet2DModel from --pretrained_unet {args.pretrained_unet!r}: {error}")
-        unet = add_second_time_embedding(unet)
-        levels = len(unet.config.block_out_channels)
-        if latent is not None:
-            try:
-                latent.check_unet(levels, unet.config.in_channels)
-            except ValueError as error:
-                raise ConfigError(str(error))
-        elif args.resolution % 2 ** (levels - 1):
-            raise ConfigError(f"--resolution {args.resolution} cannot go through the pretrained UNet with {levels} "
-                              f"levels: it must be divisible by {2 ** (levels - 1)}.")
-        if unet.config.in_channels != unet_channels:
-            raise ConfigError(f"The pretrained UNet takes {unet.config.in_channels} channels, the data has "
-                              f"{unet_channels} (set --num_channels to match).")
-        if unet.config.sample_size != unet_size:
-            log(f"Note: the pretrained UNet's sample_size {unet.config.sample_size} becomes {unet_size}.")
-            unet.register_to_config(sample_size=unet_size)
-    else:
-        unet = build_mmf_unet(sample_size=unet_size, in_channels=unet_channels,
-                              block_out_channels=args.block_out_channels, layers_per_block=args.layers_per_block,
-                              attention_levels=args.attention_levels, norm_num_groups=args.norm_num_groups,
-                              attention_head_dim=args.attention_head_dim)
+    class_counts = None
     if args.class_conditional:
-        # The second-time MLP moves into the conditioner unchanged (a warm start keeps its function exactly).
-        if args.label_init_std is None:
-            args.label_init_std = 0.0 if args.pretrained_unet or args.pretrained_dit else 1.0
-        if conditioner is None and args.backbone == "dit":  # (else a pretrained DiT brought its label table)
-            unet, conditioner = dit_backbone.add_class_conditioning(unet, class_names, args.label_init_std)
-        elif conditioner is None:
-            unet, conditioner = add_class_conditioning(unet, len(class_names), class_names, args.label_init_std)
-        # The pipeline draws the classes of a call without class_labels from the training frequencies.
-        used = np.asarray(source.labels)[np.asarray(valid)]
-        counts = np.bincount(used, minlength=len(class_names))
-        conditioner.register_to_config(class_prior=[round(float(c) / counts.sum(), 6) for c in counts])
-        if args.cfg_w != 1.0 or args.cfg_kappa != 0.0:
-            conditioner.register_to_config(guidance_w=args.cfg_w, guidance_kappa=args.cfg_kappa)
-        conditioner.train()
+        class_counts = np.bincount(np.asarray(source.labels)[np.asarray(valid)], minlength=len(class_names))
+    unet, conditioner = _build_backbone(args, modality, latent, unet_size, unet_channels,
+                                        class_names if args.class_conditional else None, class_counts, log)
     unet.train()
     if args.gradient_checkpointing:
         if not unet._supports_gradient_checkpointing:
@@ -935,19 +964,9 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
 
     # 5. resume
     if resume_path is not None:
-        meta = resume_meta
-        problems = []
-        if meta["global_batch_size"] != global_batch:
-            problems.append(f"global batch {meta['global_batch_size']} -> {global_batch}")
-        if meta["num_samples"] != len(dataset):
-            problems.append(f"usable images {meta['num_samples']} -> {len(dataset)}")
-        if meta["use_ema"] != bool(args.use_ema):
-            problems.append(f"--use_ema {meta['use_ema']} -> {bool(args.use_ema)}")
-        if bool(meta["config"].get("class_conditional")) != bool(args.class_conditional):
-            problems.append(f"--class_conditional {bool(meta['config'].get('class_conditional'))} -> "
-                            f"{bool(args.class_conditional)}")
-        current = dict(public_config(args), num_channels=num_channels, vae=latent.identity if latent else None)
-        problems += run_state.resume_conflicts(meta["config"], current)
+        problems = _resume_problems(resume_meta, args, global_batch, len(dataset),
+                                    dict(public_config(args), num_channels=num_channels,
+                                         vae=latent.identity if latent else None))
         if problems:
             raise ConfigError(f"Cannot resume from {resume_path}: the run changed ({'; '.join(problems)}). These "
                               "flags are fixed by the checkpoint: leave them out or use the values it was saved with.")
