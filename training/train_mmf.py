@@ -716,6 +716,36 @@ def main(argv=None) -> int:
         return 1
 
 
+def _load_images(args, accelerator, log):
+    """The image data set, ``(dataset, num_channels, source_name, class_names, class_counts)``. The source is read on
+    the main process first (the others then find datasets' cache) and every image is decoded once (unreadable ones
+    skipped). With --class_conditional: the class names and each class's count among the usable images (else
+    ``None, None``). Raises ConfigError on a source that cannot be read or has fewer than two classes."""
+    import numpy as np
+
+    import data as data_lib
+
+    with accelerator.main_process_first():
+        try:
+            source = data_lib.load_source(args.dataset_name, args.train_data_dir, args.dataset_config_name,
+                                          args.image_column, args.cache_dir, label_column=args.label_column,
+                                          require_labels=args.class_conditional)
+        except data_lib.DataError as error:
+            raise ConfigError(str(error))
+        valid, inferred_channels = data_lib.scan_images(source, log=log)
+    num_channels = args.num_channels or inferred_channels
+    dataset = data_lib.ImageDataset(source, valid, args.resolution, num_channels, center_crop=args.center_crop,
+                                    random_flip=args.random_flip, seed=args.seed, with_labels=args.class_conditional)
+    if not args.class_conditional:
+        return dataset, num_channels, source.name, None, None
+    class_names = list(source.class_names)
+    if len(class_names) < 2:
+        raise ConfigError(f"{source.name} has {len(class_names)} class; class-conditional training needs two or more")
+    log(f"{len(class_names)} classes: {', '.join(class_names[:20])}{' ...' if len(class_names) > 20 else ''}")
+    class_counts = np.bincount(np.asarray(source.labels)[np.asarray(valid)], minlength=len(class_names))
+    return dataset, num_channels, source.name, class_names, class_counts
+
+
 def _build_backbone(args, modality, latent, unet_size: int, unet_channels: int, class_names, class_counts, log):
     """The network to train, ``(unet, conditioner)``: a trajectory UNet, a DiT (new or pretrained), a pretrained UNet
     (given a second time embedding) or a new MMF UNet, for samples of ``unet_channels`` x ``unet_size`` squared; with
@@ -834,7 +864,7 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
     # 3. data: every image decoded once; unreadable ones skipped
     import data as data_lib
 
-    modality = None
+    modality, class_names, class_counts = None, None, None
     if args.modality == "trajectory":
         try:
             modality = trajectory_modality.TrajectoryModality(args, log)
@@ -842,25 +872,7 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
             raise ConfigError(str(error))
         dataset, num_channels, source_name = modality.dataset, modality.channels, modality.name
     else:
-        with accelerator.main_process_first():
-            try:
-                source = data_lib.load_source(args.dataset_name, args.train_data_dir, args.dataset_config_name,
-                                              args.image_column, args.cache_dir, label_column=args.label_column,
-                                              require_labels=args.class_conditional)
-            except data_lib.DataError as error:
-                raise ConfigError(str(error))
-            valid, inferred_channels = data_lib.scan_images(source, log=log)
-        num_channels = args.num_channels or inferred_channels
-        dataset = data_lib.ImageDataset(source, valid, args.resolution, num_channels, center_crop=args.center_crop,
-                                        random_flip=args.random_flip, seed=args.seed,
-                                        with_labels=args.class_conditional)
-        source_name = source.name
-        if args.class_conditional:
-            class_names = list(source.class_names)
-            if len(class_names) < 2:
-                raise ConfigError(f"{source_name} has {len(class_names)} class; class-conditional training needs two "
-                                  "or more")
-            log(f"{len(class_names)} classes: {', '.join(class_names[:20])}{' ...' if len(class_names) > 20 else ''}")
+        dataset, num_channels, source_name, class_names, class_counts = _load_images(args, accelerator, log)
     # Latent space: the frozen VAE encodes every image once (cached on disk); the UNet is built for the latents.
     latent = _latent_space(args, dataset, num_channels, accelerator, log, ConfigError,
                            saved_config=resume_meta["config"] if resume_meta else None) if args.vae_name_or_path else None
@@ -894,11 +906,8 @@ def train(args: argparse.Namespace) -> int:  # noqa: C901 - one readable top-to-
 
     if args.time_scale is None:
         args.time_scale = DEFAULT_TIME_SCALE
-    class_counts = None
-    if args.class_conditional:
-        class_counts = np.bincount(np.asarray(source.labels)[np.asarray(valid)], minlength=len(class_names))
-    unet, conditioner = _build_backbone(args, modality, latent, unet_size, unet_channels,
-                                        class_names if args.class_conditional else None, class_counts, log)
+    unet, conditioner = _build_backbone(args, modality, latent, unet_size, unet_channels, class_names, class_counts,
+                                        log)
     unet.train()
     if args.gradient_checkpointing:
         if not unet._supports_gradient_checkpointing:
