@@ -209,3 +209,18 @@ def test_class_conditional_on_a_folder_without_classes_is_a_clear_error(tmp_path
     assert result.returncode != 0
     assert "class-conditional training needs labels" in result.stdout + result.stderr
     assert not (tmp_path / "out" / "model_index.json").exists()
+
+
+def test_class_conditional_on_a_single_class_is_a_clear_error(tmp_path):
+    folder = tmp_path / "one"  # a label column with one value: labels exist, but there is nothing to condition on
+    folder.mkdir()
+    for i in range(8):
+        Image.fromarray(np.full((8, 8), 30 * i, dtype=np.uint8)).save(folder / f"{i}.png")
+    (folder / "metadata.csv").write_text("file_name,kind\n" + "".join(f"{i}.png,cat\n" for i in range(8)))
+    result = run_script(tmp_path, ["--train_data_dir", folder, "--output_dir", tmp_path / "out", *TINY,
+                                   "--train_batch_size", "4", "--max_train_steps", "1", "--class_conditional",
+                                   "--label_column", "kind", "--cache_dir", tmp_path / "cache"])
+    assert result.returncode == 2
+    assert "has 1 class; class-conditional training needs two or more" in result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert not (tmp_path / "out" / "model_index.json").exists()
