@@ -433,7 +433,8 @@ def worst_case(rows: List[Dict]) -> List[str]:
 
 #: The curriculum verdict's runs (runs/curriculum-mnist-common/README.md): arm x seed, each with a curve.jsonl.
 CURRICULUM_RUNS = os.path.join(ROOT, "runs", "curriculum-mnist-{arm}-seed{seed}", "curve.jsonl")
-#: A curve counts as flat when its one-step figure fell by less than this fraction over its last two chunks.
+#: A curve counts as flat when the mean of its last two one-step figures is less than this fraction below the mean of
+#: the two before them. Means of two points, because one point's score moves by about 6% with the sampling seed alone.
 FLAT_FRACTION = 0.05
 
 
@@ -453,14 +454,17 @@ def load_curves(pattern: str = CURRICULUM_RUNS) -> Dict[tuple, List[Dict]]:
 
 
 def curve_trend(points: List[Dict]) -> str:
-    """Whether a curve's one-step figure has flattened: its relative fall over the last two chunks (a rise counts as
-    flat), or 'too short' with fewer than three points."""
-    if len(points) < 3:
+    """Whether a curve's one-step figure has flattened: the relative fall from the mean of points -4, -3 to the mean of
+    points -2, -1 (a rise counts as flat), or 'too short' with fewer than four points."""
+    if len(points) < 4:
         return "too short"
-    before, last = points[-3]["fd_1step"], points[-1]["fd_1step"]
+    earlier, later = points[-4:-2], points[-2:]
+    before = sum(p["fd_1step"] for p in earlier) / 2
+    last = sum(p["fd_1step"] for p in later) / 2
     fall = (before - last) / before
     verdict = "flat" if fall < FLAT_FRACTION else "still falling"
-    return f"{verdict} ({-100 * fall:+.0f}% from step {points[-3]['step']} to {points[-1]['step']})"
+    steps = lambda pair: f"{pair[0]['step']}-{pair[1]['step']}"  # noqa: E731
+    return f"{verdict} ({-100 * fall:+.0f}% from steps {steps(earlier)} to {steps(later)})"
 
 
 def curriculum_table(curves: Dict[tuple, List[Dict]]) -> str:

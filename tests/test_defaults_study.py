@@ -100,16 +100,38 @@ def test_curriculum_curves_are_read_ordered_and_judged_flat_or_falling(tmp_path)
     assert sorted(curves) == [("lam0", 0), ("warmup", 0)]
     assert [p["step"] for p in curves[("lam0", 0)]] == [2000, 4000, 6000]
     assert curves[("lam0", 0)][1]["fd_1step"] == 41.0
-    # lam0 fell 50% over its last two chunks: still falling; a curve that fell 2% is flat; a rise is flat too
-    assert defaults_study.curve_trend(curves[("lam0", 0)]).startswith("still falling (-50%")
-    assert defaults_study.curve_trend([{"step": s, "fd_1step": v} for s, v in [(1, 50), (2, 49.5), (3, 49)]]) \
-        .startswith("flat (-2%")
-    assert defaults_study.curve_trend([{"step": s, "fd_1step": v} for s, v in [(1, 50), (2, 52), (3, 55)]]) \
-        .startswith("flat (+10%")
-    assert defaults_study.curve_trend(curves[("lam0", 0)][:2]) == "too short"
+    # the trend compares the means of the last two points and of the two before: lam0 here, (80 + 41) / 2 -> 40 (a
+    # 4th point at 8000), fell 34%: still falling; 2% down is flat; a rise is flat too; three points are too short
+    four = curves[("lam0", 0)] + [{"step": 8000, "fd_1step": 40.0}]
+    assert defaults_study.curve_trend(four) == "still falling (-34% from steps 2000-4000 to 6000-8000)"
+    curve = lambda *values: [{"step": i, "fd_1step": v} for i, v in enumerate(values, 1)]  # noqa: E731
+    assert defaults_study.curve_trend(curve(50, 51, 49, 50)) == "flat (-2% from steps 1-2 to 3-4)"
+    assert defaults_study.curve_trend(curve(50, 52, 56, 54)) == "flat (+8% from steps 1-2 to 3-4)"
+    # one noisy point moves the verdict less than it moved a comparison of single points: a low second point does not
+    # end a falling curve early (40 -> 40 would have read flat), a high one does not keep a flat curve running
+    assert defaults_study.curve_trend(curve(50, 40, 44, 40)) == "still falling (-7% from steps 1-2 to 3-4)"
+    assert defaults_study.curve_trend(curve(50, 52, 50, 49)) == "flat (-3% from steps 1-2 to 3-4)"
+    assert defaults_study.curve_trend(curves[("lam0", 0)]) == "too short"
     table = defaults_study.curriculum_table(curves)
     assert "| step | warmup, seed 0 | lam0, seed 0 |" in table
     assert "| 4000 | 90.0 / 45.0 | 41.0 / 16.0 |" in table
+
+
+def test_the_git_copy_of_a_curriculum_log_keeps_every_10th_step_of_the_final_path(tmp_path):
+    import gzip
+    import subprocess
+
+    log = tmp_path / "train_log.jsonl"
+    # steps 1..25, then a resume from step 10 that logs steps 11..30 again with other losses
+    records = [{"step": s, "loss": 1.0} for s in range(1, 26)] + [{"event": "resume", "from_step": 10}] \
+        + [{"step": s, "loss": 2.0} for s in range(11, 31)]
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    target = tmp_path / "copy.jsonl.gz"
+    subprocess.run([sys.executable, str(REPO / "runs" / "curriculum-mnist-common" / "thin_log.py"), str(log),
+                    str(target)], check=True)
+    kept = [json.loads(line) for line in gzip.open(target, "rt")]
+    assert kept[0] == {"event": "resume", "from_step": 10}
+    assert [(r["step"], r["loss"]) for r in kept[1:]] == [(1, 1.0), (10, 1.0), (20, 2.0), (30, 2.0)]
 
 
 def test_fill_docs_replaces_only_its_blocks_and_refuses_a_missing_one(tmp_path):

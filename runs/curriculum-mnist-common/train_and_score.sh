@@ -10,7 +10,7 @@
 #   usage: bash runs/curriculum-mnist-common/train_and_score.sh ARM SEED UNTIL [CHUNK]
 #
 # Checkpoints and pipelines go to /work/ckpt/curriculum-mnist-ARM-seedS (outside git); git keeps the command, the
-# curve and a gzipped copy of the training log. Run from the repository root with the venv active and
+# curve and every 10th step of the training log (thin_log.py). Run from the repository root with the venv active and
 # MMF_MNIST_PATH set; at low priority: OMP_NUM_THREADS=1 nice -n 19 nohup bash ... &
 set -euo pipefail
 ARM=$1 SEED=$2 UNTIL=$3 CHUNK=${4:-2000}
@@ -49,6 +49,6 @@ line = {"step": int(sys.argv[2]), "fd_1step": rows[1]["fd-mnistcnn"], "fd_2step"
 open(sys.argv[3], "a").write(json.dumps(line) + "\n")
 print(line)
 PY
-  gzip -c "$OUT/logs/train_log.jsonl" > "$HERE/train_log.jsonl.gz"
+  python runs/curriculum-mnist-common/thin_log.py "$OUT/logs/train_log.jsonl" "$HERE/train_log.jsonl.gz"
   STEP=$NEXT
 done
