@@ -463,8 +463,8 @@ def curve_trend(points: List[Dict]) -> str:
     last = sum(p["fd_1step"] for p in later) / 2
     fall = (before - last) / before
     verdict = "flat" if fall < FLAT_FRACTION else "still falling"
-    steps = lambda pair: f"{pair[0]['step']}-{pair[1]['step']}"  # noqa: E731
-    return f"{verdict} ({-100 * fall:+.0f}% from steps {steps(earlier)} to {steps(later)})"
+    steps = [f"{a['step']}-{b['step']}" for a, b in (earlier, later)]
+    return f"{verdict} ({-100 * fall:+.0f}% from steps {steps[0]} to {steps[1]})"
 
 
 def curriculum_table(curves: Dict[tuple, List[Dict]]) -> str:

@@ -6,6 +6,7 @@ the one on the run's final path. The full log stays beside the checkpoint, outsi
 """
 import gzip
 import json
+import os
 import sys
 
 EVERY = 10
@@ -20,8 +21,10 @@ def main(source: str, target: str) -> None:
                 events.append(record)
             elif step == 1 or step % EVERY == 0:
                 steps[step] = record
-    with gzip.open(target, "wt") as f:
+    partial = target + ".partial"  # renamed into place once complete: a kill never leaves half a copy in git
+    with gzip.open(partial, "wt") as f:
         f.writelines(json.dumps(r) + "\n" for r in events + [steps[k] for k in sorted(steps)])
+    os.replace(partial, target)
 
 
 if __name__ == "__main__":
